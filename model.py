@@ -1,0 +1,213 @@
+"""A decoder-only transformer in the Llama/SmolLM2 style: RoPE, RMSNorm, SwiGLU, GQA, tied embeddings.
+
+Module names follow Hugging Face's LlamaForCausalLM (embed_tokens, layers.N.self_attn.q_proj, ...), so a
+HF state dict maps onto ours by dropping the leading "model.".
+
+Batched inference uses a preallocated KV cache and LEFT padding: row b of a batch starts with pad_lens[b]
+pad tokens, its real tokens get positions 0, 1, ... and every key slot before pad_lens[b] is masked out.
+All rows then share one write slot per step, so decode writes K/V in place with a single slice assignment.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from config import ModelConfig
+
+IGNORE_INDEX = -100  # targets with this value do not count in the loss (padding)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as HF Llama does, so bf16 runs match the reference.
+        return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype) * self.weight
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (max_len, head_dim) in HF's rotate-half layout (the two halves repeat)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.size(-1) // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.dropout = cfg.dropout
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        self.k_cache: torch.Tensor | None = None  # (batch, n_kv_head, max_len, head_dim) once allocated
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x, cos, sin, mask, cache_pos: int | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # no-op unless autocast or a bf16 model
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache_pos is not None:  # write in place, then attend over every slot filled so far
+            end = cache_pos + T
+            self.k_cache[:B, :, cache_pos:end] = k
+            self.v_cache[:B, :, cache_pos:end] = v
+            k, v = self.k_cache[:B, :, :end], self.v_cache[:B, :, :end]
+        # Causal without a mask only when queries and keys start together; one query may see every key.
+        is_causal = mask is None and T > 1 and k.size(2) == T
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, mask, cache_pos):
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_pos))
+        return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.cache_pos: int | None = None  # next write slot of the KV cache; None = cache not in use
+        self.apply(self._init_weights)
+        # Residual-scaled init (GPT-2): each block adds two outputs to the residual stream.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    def num_params(self) -> int:
+        """Parameter count with the tied embedding/lm_head matrix counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    # --- KV cache -------------------------------------------------------------------------------
+    def setup_kv_cache(self, batch_size: int, max_len: int | None = None,
+                       dtype: torch.dtype | None = None) -> None:
+        """Preallocate per-layer K/V buffers; they are reused while big enough, with the same dtype."""
+        max_len = max_len or self.config.max_seq_len
+        if max_len > self.config.max_seq_len:
+            raise ValueError(f"KV cache length {max_len} exceeds max_seq_len {self.config.max_seq_len}")
+        dtype = dtype or self.embed_tokens.weight.dtype
+        device = self.embed_tokens.weight.device
+        for layer in self.layers:
+            attn = layer.self_attn
+            c = attn.k_cache
+            if c is None or c.size(0) < batch_size or c.size(2) < max_len or c.dtype != dtype or c.device != device:
+                shape = (batch_size, attn.n_kv_head, max_len, attn.head_dim)
+                attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+                attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.cache_pos = 0
+
+    def reset_kv_cache(self) -> None:
+        """Start a new batch of sequences; the buffers stay allocated and old slots are overwritten."""
+        if self.layers[0].self_attn.k_cache is None:
+            raise RuntimeError("no KV cache: call setup_kv_cache(batch_size) first")
+        self.cache_pos = 0
+
+    def free_kv_cache(self) -> None:
+        for layer in self.layers:
+            layer.self_attn.k_cache = layer.self_attn.v_cache = None
+        self.cache_pos = None
+
+    # --- forward --------------------------------------------------------------------------------
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                pad_lens: torch.Tensor | None = None, use_cache: bool = False,
+                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> (logits, loss).
+
+        targets: (B, T) next-token ids, IGNORE_INDEX where no loss is wanted.
+        pad_lens: (B,) number of left pad tokens per row (None: no padding).
+        use_cache: append to the KV cache at slot self.cache_pos instead of attending within idx only.
+        last_only: compute logits for the last position only (all generation needs).
+        """
+        B, T = idx.shape
+        start = self.cache_pos if use_cache else 0
+        if use_cache and start is None:
+            raise RuntimeError("use_cache=True needs setup_kv_cache() first")
+        end = start + T
+        if end > self.config.max_seq_len:
+            raise ValueError(f"sequence length {end} exceeds max_seq_len {self.config.max_seq_len}")
+        cache = self.layers[0].self_attn.k_cache
+        if use_cache and (B > cache.size(0) or end > cache.size(2)):
+            raise ValueError(f"batch {B} x length {end} does not fit the KV cache; call setup_kv_cache again")
+
+        slots = torch.arange(start, end, device=idx.device)
+        if pad_lens is None:
+            cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+            # A chunk after the first one (start > 0, T > 1) needs an offset causal mask.
+            mask = None if (T == 1 or start == 0) else slots[:, None] >= torch.arange(end, device=idx.device)
+        else:
+            positions = (slots[None, :] - pad_lens[:, None]).clamp(min=0)  # (B, T)
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+            keys = torch.arange(end, device=idx.device)
+            causal = keys[None, :] <= slots[:, None]                       # (T, S)
+            real = keys[None, :] >= pad_lens[:, None]                      # (B, S)
+            # A pad query would see no key at all (NaN softmax), so it may always see itself.
+            mask = (causal[None] & real[:, None, :]) | (keys[None, :] == slots[:, None])[None]
+            mask = mask.unsqueeze(1)                                       # (B, 1, T, S)
+
+        x = self.embed_tokens(idx)
+        cache_pos = start if use_cache else None
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache_pos)
+        if use_cache:
+            self.cache_pos = end
+        x = self.norm(x)
+
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
+            return logits, loss
+        logits = self.lm_head(x[:, -1:] if last_only else x)
+        return logits, None

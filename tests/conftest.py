@@ -1,0 +1,23 @@
+"""Shared fixtures: the real Shakespeare corpus (fetched once into data/) and a tokenizer trained on it."""
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from data import fetch_shakespeare, shakespeare_split  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shakespeare_dir() -> Path:
+    return fetch_shakespeare(ROOT / "data")
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(shakespeare_dir) -> Tokenizer:
+    """A 512-token BPE trained on a few plays: quick to train, real merges."""
+    train, _ = shakespeare_split(shakespeare_dir)
+    return Tokenizer.train(files=train[:4], vocab_size=512, show_progress=False)

@@ -1,0 +1,128 @@
+"""Byte-level BPE tokenizer over Hugging Face `tokenizers`, saved as a standard tokenizer.json.
+
+python tokenizer.py train --input FILE... --vocab-size 4096 --out data/tokenizer.json
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+EOT = "<|endoftext|>"  # separates documents; also the end-of-sequence token for generation
+PAD = "<|pad|>"
+# Other names an existing tokenizer.json may use for end-of-text / padding (SmolLM2, Llama, GPT-2).
+EOS_CANDIDATES = (EOT, "</s>", "<|im_end|>", "<eos>")
+PAD_CANDIDATES = (PAD, "<pad>", "[PAD]")
+
+
+class Tokenizer:
+    """Thin wrapper: encode/decode without adding special tokens, plus the special ids."""
+
+    def __init__(self, hf: HFTokenizer):
+        self.hf = hf
+        self.eos_id = self._first_id(EOS_CANDIDATES)
+        if self.eos_id is None:
+            raise ValueError(f"tokenizer has none of the end-of-text tokens {EOS_CANDIDATES}")
+        pad = self._first_id(PAD_CANDIDATES)
+        self.pad_id = self.eos_id if pad is None else pad  # padding is masked, so any id works
+
+    def _first_id(self, names: Iterable[str]) -> int | None:
+        for name in names:
+            token_id = self.hf.token_to_id(name)
+            if token_id is not None:
+                return token_id
+        return None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer not found: {path} (train one with `python tokenizer.py train`)")
+        try:
+            return cls(HFTokenizer.from_file(str(path)))
+        except Exception as e:  # the tokenizers error is a bare string from Rust
+            raise ValueError(f"cannot read tokenizer {path}: {e}") from None
+
+    @classmethod
+    def from_str(cls, json_text: str) -> Tokenizer:
+        return cls(HFTokenizer.from_str(json_text))
+
+    @classmethod
+    def train(cls, texts: Iterable[str] | None = None, files: list[str] | None = None,
+              vocab_size: int = 4096, show_progress: bool = True) -> Tokenizer:
+        """Train a byte-level BPE on `files` or on an iterator of `texts`."""
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=[EOT, PAD], show_progress=show_progress,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # all 256 bytes: any string encodes
+        if files is not None:
+            hf.train([str(f) for f in files], trainer)
+        else:
+            hf.train_from_iterator(texts, trainer)
+        tok = cls(hf)
+        if tok.vocab_size != vocab_size:
+            print(f"warning: corpus too small for {vocab_size} tokens; got {tok.vocab_size}", file=sys.stderr)
+        return tok
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.hf.save(str(path))
+
+    def to_str(self) -> str:
+        return self.hf.to_str()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        # Keep special tokens so that decode(encode(s)) == s even when s contains "<|endoftext|>".
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def iter_decode(self, ids: Iterator[int]) -> Iterator[str]:
+        """Stream text for a stream of ids, holding back bytes until they form whole characters."""
+        seen: list[int] = []
+        printed = ""
+        for token_id in ids:
+            seen.append(token_id)
+            text = self.decode(seen)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+                continue
+            yield text[len(printed):]
+            printed = text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train_p = sub.add_parser("train", help="train a byte-level BPE tokenizer")
+    train_p.add_argument("--input", nargs="+", required=True, help="text files to train on")
+    train_p.add_argument("--vocab-size", type=int, default=4096)
+    train_p.add_argument("--out", default="data/tokenizer.json")
+    args = parser.parse_args(argv)
+    missing = [f for f in args.input if not Path(f).is_file()]
+    if missing:
+        parser.error(f"input file(s) not found: {', '.join(missing)}")
+    if args.vocab_size < 258:
+        parser.error("--vocab-size must be at least 258 (256 bytes + 2 special tokens)")
+    tok = Tokenizer.train(files=args.input, vocab_size=args.vocab_size)
+    tok.save(args.out)
+    print(f"saved {tok.vocab_size}-token tokenizer to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
