@@ -155,21 +155,29 @@ def write_shards(docs: Iterable[str], tok: Tokenizer, out_prefix: Path, shard_to
 
 
 def prepare(source: str, tok: Tokenizer, out_dir: Path, text_field: str = "text", val_docs: int = 500,
-            shard_tokens: int = 2**27, data_dir: str | Path = "data") -> dict:
+            splits: tuple[str, ...] = ("train", "val"), shard_tokens: int = 2**27,
+            data_dir: str | Path = "data") -> dict:
     """Tokenize the corpus once into out_dir; reuse an earlier run made with the same tokenizer."""
     meta_path = out_dir / "meta.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        if meta["tokenizer"] == tokenizer_hash(tok):
+        if meta["tokenizer"] == tokenizer_hash(tok) and all(s in meta for s in splits):
             return meta
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"source": source, "vocab_size": tok.vocab_size, "dtype": token_dtype(tok.vocab_size).name,
             "tokenizer": tokenizer_hash(tok)}
-    for split in ("train", "val"):
+    for split in splits:
         docs = corpus_documents(source, text_field, val_docs, split, data_dir)
         meta[split] = write_shards(docs, tok, out_dir / split, shard_tokens, desc=f"tokenizing {split}")
     meta_path.write_text(json.dumps(meta, indent=1))  # written last: its presence means 'complete'
     return meta
+
+
+def read_meta(out_dir: Path) -> dict:
+    path = out_dir / "meta.json"
+    if not path.exists():
+        raise DataError(f"no prepared data in {out_dir}; run train.py (rank 0 prepares it)")
+    return json.loads(path.read_text())
 
 
 def load_shards(out_dir: Path, meta: dict, split: str) -> list[np.ndarray]:

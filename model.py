@@ -10,6 +10,7 @@ All rows then share one write slot per step, so decode writes K/V in place with 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn as nn
@@ -211,3 +212,85 @@ class GPT(nn.Module):
             return logits, loss
         logits = self.lm_head(x[:, -1:] if last_only else x)
         return logits, None
+
+
+# --- generation: one sampling routine and one loop, shared by train, inference, app and bench -----------
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> next ids (B,). temperature 0 is greedy; top-p keeps the smallest set of most
+    likely tokens whose probability mass reaches p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # drop a token once the ones before it reach p
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0,
+             generator: torch.Generator | None = None, use_cache: bool = True,
+             on_token=None) -> tuple[list[list[int]], dict]:
+    """Generate for a batch of token-id prompts of any lengths (left-padded into one batch).
+
+    A row stops at eos_id (which is not returned) or after max_new_tokens. on_token(step, ids) is called
+    with each step's (B,) ids, for streaming. Returns the new ids per row, in input order, and timings.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = model.embed_tokens.weight.device
+    lengths = [len(p) for p in prompts]
+    width, batch = max(lengths), len(prompts)
+    if width + max_new_tokens > model.config.max_seq_len:
+        raise ValueError(f"prompt ({width}) + max_new_tokens ({max_new_tokens}) exceeds the context window "
+                         f"of {model.config.max_seq_len} tokens")
+    idx = torch.tensor([[pad_id] * (width - n) + p for p, n in zip(prompts, lengths)], device=device)
+    pad_lens = torch.tensor([width - n for n in lengths], device=device) if min(lengths) < width else None
+    if use_cache:
+        model.setup_kv_cache(batch, width + max_new_tokens)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    t0 = time.perf_counter()
+    logits, _ = model(idx, pad_lens=pad_lens, use_cache=use_cache, last_only=True)
+    next_ids = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+    sync()
+    t1 = time.perf_counter()
+    out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    n_steps = 0
+    for step in range(max_new_tokens):
+        if eos_id is not None:
+            next_ids = next_ids.masked_fill(finished, eos_id)  # finished rows only repeat eos
+            finished |= next_ids == eos_id
+        out[:, step] = next_ids
+        n_steps = step + 1
+        if on_token is not None:
+            on_token(step, next_ids)
+        if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
+            break
+        if use_cache:
+            logits, _ = model(next_ids[:, None], pad_lens=pad_lens, use_cache=True, last_only=True)
+        else:
+            idx = torch.cat([idx, next_ids[:, None]], dim=1)
+            logits, _ = model(idx, pad_lens=pad_lens, last_only=True)
+        next_ids = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+    sync()
+    t2 = time.perf_counter()
+    rows = []
+    for row in out[:, :n_steps].tolist():
+        rows.append(row[: row.index(eos_id)] if eos_id is not None and eos_id in row else row)
+    stats = {"prefill_tokens": sum(lengths), "prefill_s": t1 - t0,
+             "new_tokens": sum(len(r) for r in rows), "decode_s": t2 - t1, "steps": n_steps}
+    return rows, stats

@@ -1,0 +1,426 @@
+"""Train a GPT preset: `python train.py` on one process, `torchrun --nproc_per_node N train.py` for DDP
+(gloo on CPU, nccl on CUDA). Defaults train `tiny` on the embedded Shakespeare corpus.
+
+  python train.py --preset tiny --time-budget 10
+  torchrun --nproc_per_node 2 train.py --preset tiny --max-steps 200
+  python train.py --run-name tiny --resume --more-steps 50     # 50 more steps of a finished run
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+from checkpoint import CheckpointError, clean_state_dict, load_checkpoint, save_checkpoint
+from config import ModelConfig, add_model_args, config_from_args
+from model import GPT, generate
+from tokenizer import Tokenizer
+
+SAMPLE_PROMPT = "ROMEO.\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--run-name", default=None, help="checkpoints go in checkpoints/RUN_NAME (default: preset)")
+    p.add_argument("--data", default="shakespeare", help="'shakespeare', local .txt/.jsonl/.parquet, or a hub name")
+    p.add_argument("--data-mode", choices=["prepare", "stream"], default="prepare")
+    p.add_argument("--data-dir", default="data", help="cache for corpora, tokenizers and token shards")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--val-docs", type=int, default=500, help="validation documents (non-Shakespeare corpora)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: train one on the train split)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: from --time-budget)")
+    p.add_argument("--time-budget", type=float, default=None, help="minutes of training")
+    p.add_argument("--more-steps", type=int, default=0, help="with --resume: train N steps past the end")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="save and exit after this step, schedule unchanged (for fixed-length job slots)")
+    p.add_argument("--tokens-per-step", type=int, default=100_000, help="tokens per optimizer step")
+    p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=None, help="default: the model's max_seq_len")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--min-lr", type=float, default=None, help="default: lr / 10")
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: 1000, or 1/20 of the run for tiny")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--resume", action="store_true", help="continue from checkpoints/RUN_NAME/last.ckpt")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s for MFU (default: timed)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--out-dir", default="checkpoints")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return p
+
+
+def explicit_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict:
+    """The options the user actually typed (so --resume can keep the checkpoint's values for the rest)."""
+    bare = copy.deepcopy(parser)
+    for action in bare._actions:
+        action.default = argparse.SUPPRESS
+    return vars(bare.parse_args(argv))
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def lr_at(step: int, args: argparse.Namespace) -> float:
+    """Linear warmup to lr, cosine decay to min_lr at decay_steps, then min_lr (e.g. for --more-steps)."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    if step >= args.decay_steps:
+        return args.min_lr
+    progress = (step - args.warmup_steps) / max(1, args.decay_steps - args.warmup_steps)
+    return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
+
+
+def make_optimizer(model: GPT, args: argparse.Namespace, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight matrices and the (tied) embedding decay, RMSNorm gains do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large matmul in the run's dtype: the denominator of MFU on this very machine."""
+    n = 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0, reps = time.perf_counter(), 5
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int) -> float:
+    matmul_params = n_params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)  # lookup is free
+    return 6 * matmul_params + 12 * cfg.n_layer * cfg.d_model * seq_len  # PaLM appendix B
+
+
+def get_tokenizer(args, vocab_size: int, rank: int) -> Tokenizer:
+    if args.tokenizer:
+        return Tokenizer.load(args.tokenizer)
+    name = Path(args.data).name if args.data != "shakespeare" else "shakespeare"
+    path = Path(args.data_dir) / f"{name}-bpe{vocab_size}.json"
+    if rank == 0 and not path.exists():
+        print(f"training a {vocab_size}-token BPE tokenizer on the train split -> {path}")
+        docs = data.corpus_documents(args.data, args.text_field, args.val_docs, "train", args.data_dir)
+        Tokenizer.train(texts=docs, vocab_size=vocab_size).save(path)
+    if dist.is_initialized():
+        dist.barrier()
+    return Tokenizer.load(path)
+
+
+@torch.no_grad()
+def evaluate(model, chunks: data.Chunks, byte_lengths: np.ndarray, micro_batch: int, autocast, rank: int,
+             world: int, device: torch.device) -> tuple[float, float]:
+    """Loss (nats/token) and bits per byte over every validation chunk, summed across ranks."""
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
+    ids = list(range(rank, len(chunks), world))
+    for i in range(0, len(ids), micro_batch):
+        x, y = data.to_batch([chunks[c] for c in ids[i:i + micro_batch]])
+        x, y = x.to(device), y.to(device)
+        with autocast:
+            logits, _ = model(x)
+        nats = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        sums += torch.stack([nats.double(), torch.tensor(y.numel(), device=device, dtype=torch.float64),
+                             torch.tensor(float(byte_lengths[y.cpu().numpy()].sum()), device=device,
+                                          dtype=torch.float64)])
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    model.train()
+    return (sums[0] / sums[1]).item(), (sums[0] / math.log(2) / sums[2]).item()
+
+
+def plot_losses(history: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if history["train"]:
+        ax.plot(*zip(*history["train"]), label="train", alpha=0.8)
+    if history["val"]:
+        ax.plot(*zip(*history["val"]), "o-", label="val")
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=path.parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class StopRequested(Exception):
+    pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        train(args, explicit_args(parser, argv))
+    except (data.DataError, CheckpointError, ValueError, FileNotFoundError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace, explicit: dict) -> None:
+    rank, world, device = setup_distributed()
+    master = rank == 0
+    run_dir = Path(args.out_dir) / (args.run_name or args.preset)
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(run_dir / "last.ckpt")
+        args = argparse.Namespace(**{**ckpt["train_args"], **explicit, "resume": True})
+        args.max_steps = explicit.get("max_steps", ckpt["train_args"]["max_steps"]) + args.more_steps
+        cfg = ModelConfig(**ckpt["config"])
+        tok = Tokenizer.from_str(ckpt["tokenizer"])
+    else:
+        cfg = config_from_args(args)
+        tok = get_tokenizer(args, cfg.vocab_size, rank)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}; "
+                         f"pass --vocab-size {tok.vocab_size} or a smaller tokenizer")
+    seq_len = args.seq_len = args.seq_len or cfg.max_seq_len
+    if seq_len > cfg.max_seq_len:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}; "
+                         f"also pass --max-seq-len {seq_len}")
+    if args.dtype == "fp16" and device.type != "cuda":
+        raise ValueError("--dtype fp16 needs a CUDA GPU (it uses a GradScaler); use --dtype bf16 on CPU")
+    accum = max(1, round(args.tokens_per_step / (args.micro_batch * seq_len * world)))
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+
+    # Data: prepared shards (deterministic in step) or a stream; validation is always prepared.
+    name = "shakespeare" if args.data == "shakespeare" else Path(args.data).name
+    tokens_dir = Path(args.data_dir) / f"{name}-{data.tokenizer_hash(tok)}"
+    splits = ("train", "val") if args.data_mode == "prepare" else ("val",)
+    if master:
+        data.prepare(args.data, tok, tokens_dir, args.text_field, args.val_docs, splits=splits,
+                     data_dir=args.data_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    meta = data.read_meta(tokens_dir)
+    if args.data_mode == "prepare":
+        loader = data.TokenLoader(data.Chunks(data.load_shards(tokens_dir, meta, "train"), seq_len),
+                                  args.micro_batch, accum, rank, world, args.seed)
+    else:
+        stream = data.open_dataset(args.data, args.text_field).skip(args.val_docs)
+        loader = data.StreamLoader(stream, tok, args.text_field, seq_len, args.micro_batch, rank, world)
+        if ckpt:
+            loader.load_state_dict(ckpt["data_state"][rank])
+    val_chunks = data.Chunks(data.load_shards(tokens_dir, meta, "val"), seq_len)
+    if len(val_chunks) == 0:
+        raise data.DataError(f"validation split has fewer than {seq_len + 1} tokens; use more --val-docs")
+    byte_lengths = data.token_byte_lengths(tok)
+
+    raw_model = GPT(cfg).to(device)
+    opt = make_optimizer(raw_model, args, device)
+    if ckpt:
+        raw_model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+    model = torch.compile(raw_model) if args.compile else raw_model
+    if dist.is_initialized():
+        # broadcast_buffers=False: the only buffers are the constant RoPE tables.
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    torch.set_float32_matmul_precision("high")
+
+    if args.max_steps is None:  # from the time budget, or a fixed default
+        args.max_steps = estimate_steps(model, loader, accum, autocast, device, args) if args.time_budget else 2000
+    if args.warmup_steps is None:
+        args.warmup_steps = max(1, args.max_steps // 20) if args.preset == "tiny" else 1000
+    args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+    args.decay_steps = getattr(args, "decay_steps", None) or args.max_steps
+    start_step = ckpt["step"] if ckpt else 0
+    history = ckpt["history"] if ckpt else {"train": [], "val": []}
+    best_val = ckpt["best_val"] if ckpt else float("inf")
+    if ckpt:
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+    n_params = raw_model.num_params()
+    peak = args.peak_flops or measure_peak_flops(device, dtype)
+    fpt = flops_per_token(cfg, seq_len, n_params)
+    tokens_per_step = args.micro_batch * seq_len * accum * world
+    if master:
+        print(f"model: {n_params:,} parameters  config: {cfg.to_dict()}")
+        print(f"train: world {world} x micro-batch {args.micro_batch} x seq {seq_len} x accum {accum} = "
+              f"{tokens_per_step:,} tokens/step, steps {start_step}->{args.max_steps}, device {device}, {args.dtype}")
+        print("args: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
+
+    def payload(step: int) -> dict:
+        data_state = None
+        if args.data_mode == "stream":
+            data_state = [None] * world
+            if dist.is_initialized():
+                dist.all_gather_object(data_state, loader.state_dict())
+            else:
+                data_state = [loader.state_dict()]
+        return {"model": clean_state_dict(raw_model), "optimizer": opt.state_dict(), "config": cfg.to_dict(),
+                "tokenizer": tok.to_str(), "step": step, "train_args": vars(args), "data_state": data_state,
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                "history": history, "best_val": best_val}
+
+    stop = {"signal": None}
+
+    def request_stop(signum, _frame):
+        stop["signal"] = signum
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, request_stop)
+    bar = tqdm(total=args.max_steps, initial=start_step, disable=not master, unit="step", dynamic_ncols=True)
+    t_begin = t_log = time.perf_counter()
+    step = start_step
+    while step < args.max_steps:
+        lr = lr_at(step, args)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            x, y = (t.to(device) for t in loader.batch(step, micro))
+            # DDP: no gradient all-reduce until the last micro-step; the forward must be inside no_sync too.
+            skip_sync = dist.is_initialized() and micro < accum - 1
+            with model.no_sync() if skip_sync else nullcontext():
+                with autocast:
+                    _, loss = model(x, y)
+                scaler.scale(loss / accum).backward()
+            loss_sum += loss.detach()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        if dist.is_initialized():
+            dist.all_reduce(loss_sum)  # gloo has no AVG
+        train_loss = loss_sum.item() / accum / world
+        t_step_end = time.perf_counter()
+        step += 1
+        if not math.isfinite(train_loss):
+            raise ValueError(f"loss is {train_loss} at step {step}; stopped without saving so {run_dir}/last.ckpt "
+                             f"keeps the last good state; lower --lr or use --dtype fp32, then --resume")
+        history["train"].append((step, train_loss))
+        bar.update(1)
+        bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}")
+        if step % args.log_every == 0 and master:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            now = time.perf_counter()
+            tps = tokens_per_step * args.log_every / (now - t_log)
+            t_log = now
+            bar.write(f"step {step}: loss {train_loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s "
+                      f"MFU {100 * fpt * tps / world / peak:.1f}%")
+        if step % args.eval_every == 0 or step == args.max_steps:
+            val_loss, bpb = evaluate(model, val_chunks, byte_lengths, args.micro_batch, autocast, rank, world, device)
+            history["val"].append((step, val_loss))
+            if master:
+                bar.write(f"step {step}: val loss {val_loss:.4f}  val bits/byte {bpb:.4f}  "
+                          f"| {sample(raw_model, tok)!r}")
+                plot_losses(history, run_dir / "loss.png")
+                if val_loss < best_val:
+                    best_val = val_loss
+                    save_checkpoint(run_dir / "best.ckpt", payload(step) | {"val_bpb": bpb})
+        over_budget = args.time_budget and time.perf_counter() - t_begin > args.time_budget * 60
+        decision = torch.tensor([float(stop["signal"] is not None), float(bool(over_budget))])
+        if dist.is_initialized():
+            dist.all_reduce(decision)  # every rank must leave the loop at the same step
+        stop_here = step == args.stop_at
+        if step % args.save_every == 0 or step == args.max_steps or decision.any() or stop_here:
+            ckpt_payload = payload(step)  # collective in stream mode: every rank takes part
+            if master:
+                save_checkpoint(run_dir / "last.ckpt", ckpt_payload)
+        if decision[0]:
+            bar.close()
+            if master:
+                print(f"interrupted at step {step}; saved {run_dir}/last.ckpt; continue with --resume", file=sys.stderr)
+            sys.exit(130 if stop["signal"] == signal.SIGINT else 143)
+        if decision[1] or stop_here:
+            if master:
+                bar.write(f"stopping at step {step} ({'time budget' if decision[1] else '--stop-at'}); "
+                          f"continue with --resume")
+            break
+        t_log += time.perf_counter() - t_step_end  # evals and saves do not count against tokens/s
+    bar.close()
+    if master:
+        plot_losses(history, run_dir / "loss.png")
+        last_val = history["val"][-1][1] if history["val"] else float("nan")
+        print(f"done: step {step}, val loss {last_val:.4f}, checkpoints in {run_dir}/")
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def estimate_steps(model, loader, accum: int, autocast, device: torch.device, args) -> int:
+    """How many optimizer steps fit in --time-budget, from timing a few forward+backward micro-steps.
+    All ranks agree on the slowest rank's estimate. Gradients are discarded."""
+    times = []
+    for micro in range(3):
+        x, y = (t.to(device) for t in loader.batch(0, micro % accum))
+        t0 = time.perf_counter()
+        with autocast:
+            _, loss = model(x, y)
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)
+    step_s = torch.tensor(min(times[1:]) * accum * 1.15)  # optimizer, logging and evals
+    if dist.is_initialized():
+        dist.all_reduce(step_s, op=dist.ReduceOp.MAX)
+    return max(1, int(args.time_budget * 60 / step_s.item()))
+
+
+def sample(model: GPT, tok: Tokenizer, max_new_tokens: int = 48) -> str:
+    prompt = tok.encode(SAMPLE_PROMPT)
+    gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(0)
+    was_training = model.training
+    model.eval()
+    rows, _ = generate(model, [prompt], min(max_new_tokens, model.config.max_seq_len - len(prompt)),
+                       temperature=0.8, top_k=50, eos_id=tok.eos_id, generator=gen)
+    model.free_kv_cache()
+    model.train(was_training)
+    return SAMPLE_PROMPT + tok.decode(rows[0])
+
+
+if __name__ == "__main__":
+    main()
