@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -93,17 +93,20 @@ class Tokenizer:
         # Keep special tokens so that decode(encode(s)) == s even when s contains "<|endoftext|>".
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
-    def iter_decode(self, ids: Iterator[int]) -> Iterator[str]:
-        """Stream text for a stream of ids, holding back bytes until they form whole characters."""
-        seen: list[int] = []
-        printed = ""
-        for token_id in ids:
-            seen.append(token_id)
-            text = self.decode(seen)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-                continue
-            yield text[len(printed):]
-            printed = text
+
+class StreamDecoder:
+    """Turns ids that arrive one at a time into text pieces, holding back an incomplete UTF-8 character."""
+
+    def __init__(self, tok: Tokenizer):
+        self.tok, self.ids, self.printed = tok, [], ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):  # the rest of a multi-byte character comes with a later token
+            return ""
+        piece, self.printed = text[len(self.printed):], text
+        return piece
 
 
 def main(argv: list[str] | None = None) -> None:

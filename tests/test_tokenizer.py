@@ -3,7 +3,7 @@ import random
 import subprocess
 import sys
 
-from tokenizer import EOT, PAD, Tokenizer
+from tokenizer import EOT, PAD, StreamDecoder, Tokenizer
 
 NASTY = ("naïve café 🧑‍🚀🎉 東京都 한국어 Ελληνικά\t\ttabs   runs  of spaces\n\n\r\n"
          "newlines <|endoftext|> \x00\x7f\u200b end ")
@@ -39,9 +39,9 @@ def test_save_load_same_ids_and_batch(small_tokenizer, tmp_path):
     assert (loaded.eos_id, loaded.pad_id, loaded.vocab_size) == (0, 1, 512)
 
 
-def test_iter_decode_streams_whole_characters(small_tokenizer):
-    ids = small_tokenizer.encode(NASTY)
-    pieces = list(small_tokenizer.iter_decode(iter(ids)))
+def test_stream_decoder_yields_whole_characters(small_tokenizer):
+    decoder = StreamDecoder(small_tokenizer)
+    pieces = [decoder.push(i) for i in small_tokenizer.encode(NASTY)]
     assert "".join(pieces) == NASTY and all("\ufffd" not in p for p in pieces)
 
 
