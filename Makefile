@@ -13,7 +13,7 @@ install: $(STAMP)
 
 train: $(STAMP)
 	$(PY) train.py --preset tiny --run-name tiny --time-budget 10
-	$(PY) inference.py --checkpoint checkpoints/tiny --samples generated_texts/tiny_samples.md
+	$(PY) inference.py --checkpoint checkpoints/tiny --max-new-tokens 200 --output generated_texts/tiny_samples.md
 
 test: $(STAMP)
 	$(PY) -m ruff check .

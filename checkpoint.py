@@ -89,7 +89,7 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> tup
         config = ModelConfig(**ckpt["config"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint config is invalid: {e}") from None
-    tok = Tokenizer.from_str(ckpt["tokenizer"])
+    tok = Tokenizer.from_str(ckpt["tokenizer"], ckpt.get("eos_token"))
     if tok.vocab_size > config.vocab_size:
         raise CheckpointError(f"tokenizer has {tok.vocab_size} tokens but the model only {config.vocab_size}; "
                               f"use the tokenizer the model was trained with")

@@ -22,9 +22,9 @@ PAD_CANDIDATES = (PAD, "<pad>", "[PAD]")
 class Tokenizer:
     """Thin wrapper: encode/decode without adding special tokens, plus the special ids."""
 
-    def __init__(self, hf: HFTokenizer):
+    def __init__(self, hf: HFTokenizer, eos_token: str | None = None):
         self.hf = hf
-        self.eos_id = self._first_id(EOS_CANDIDATES)
+        self.eos_id = self._first_id(([eos_token] if eos_token else []) + list(EOS_CANDIDATES))
         if self.eos_id is None:
             raise ValueError(f"tokenizer has none of the end-of-text tokens {EOS_CANDIDATES}")
         pad = self._first_id(PAD_CANDIDATES)
@@ -50,8 +50,8 @@ class Tokenizer:
             raise ValueError(f"cannot read tokenizer {path}: {e}") from None
 
     @classmethod
-    def from_str(cls, json_text: str) -> Tokenizer:
-        return cls(HFTokenizer.from_str(json_text))
+    def from_str(cls, json_text: str, eos_token: str | None = None) -> Tokenizer:
+        return cls(HFTokenizer.from_str(json_text), eos_token)
 
     @classmethod
     def train(cls, texts: Iterable[str] | None = None, files: list[str] | None = None,

@@ -47,15 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--more-steps", type=int, default=0, help="with --resume: train N steps past the end")
     p.add_argument("--stop-at", type=int, default=None,
                    help="save and exit after this step, schedule unchanged (for fixed-length job slots)")
-    p.add_argument("--tokens-per-step", type=int, default=100_000, help="tokens per optimizer step")
+    p.add_argument("--tokens-per-step", type=int, default=None,
+                   help="tokens per optimizer step (default 100k; 8192 for tiny)")
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=None, help="default: the model's max_seq_len")
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-4; 1e-3 for tiny)")
     p.add_argument("--min-lr", type=float, default=None, help="default: lr / 10")
     p.add_argument("--warmup-steps", type=int, default=None, help="default: 1000, or 1/20 of the run for tiny")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="autocast dtype; auto = bf16 on CUDA (fp16 without bf16 support), fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", action="store_true", help="continue from checkpoints/RUN_NAME/last.ckpt")
     p.add_argument("--eval-every", type=int, default=100)
@@ -66,6 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="checkpoints")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
+
+
+# Training defaults per preset; flags override them. tiny's were tuned for a 10-minute CPU run (README).
+TRAIN_DEFAULTS = {"tiny": {"tokens_per_step": 8192, "lr": 1e-3}}
+BASE_DEFAULTS = {"tokens_per_step": 100_000, "lr": 5e-4}
+
+
+def resolve_defaults(args: argparse.Namespace, device: torch.device) -> None:
+    for key, value in (BASE_DEFAULTS | TRAIN_DEFAULTS.get(args.preset, {})).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.dtype == "auto":
+        if device.type == "cuda":
+            args.dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            args.dtype = "fp32"  # bf16 autocast is no faster on the CPUs we measured (README)
 
 
 def explicit_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict:
@@ -218,6 +236,7 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
         cfg = ModelConfig(**ckpt["config"])
         tok = Tokenizer.from_str(ckpt["tokenizer"])
     else:
+        resolve_defaults(args, device)
         cfg = config_from_args(args)
         tok = get_tokenizer(args, cfg.vocab_size, rank)
     if tok.vocab_size > cfg.vocab_size:
@@ -354,7 +373,13 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
             t_log = now
             bar.write(f"step {step}: loss {train_loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s "
                       f"MFU {100 * fpt * tps / world / peak:.1f}%")
-        if step % args.eval_every == 0 or step == args.max_steps:
+        over_budget = args.time_budget and time.perf_counter() - t_begin > args.time_budget * 60
+        decision = torch.tensor([float(stop["signal"] is not None), float(bool(over_budget))])
+        if dist.is_initialized():
+            dist.all_reduce(decision)  # every rank must leave the loop at the same step
+        interrupted = bool(decision[0])
+        last = step == args.max_steps or bool(decision[1]) or step == args.stop_at
+        if (step % args.eval_every == 0 or last) and not interrupted:
             val_loss, bpb = evaluate(model, val_chunks, byte_lengths, args.micro_batch, autocast, rank, world, device)
             history["val"].append((step, val_loss))
             if master:
@@ -364,21 +389,16 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
                 if val_loss < best_val:
                     best_val = val_loss
                     save_checkpoint(run_dir / "best.ckpt", payload(step) | {"val_bpb": bpb})
-        over_budget = args.time_budget and time.perf_counter() - t_begin > args.time_budget * 60
-        decision = torch.tensor([float(stop["signal"] is not None), float(bool(over_budget))])
-        if dist.is_initialized():
-            dist.all_reduce(decision)  # every rank must leave the loop at the same step
-        stop_here = step == args.stop_at
-        if step % args.save_every == 0 or step == args.max_steps or decision.any() or stop_here:
+        if step % args.save_every == 0 or last or interrupted:
             ckpt_payload = payload(step)  # collective in stream mode: every rank takes part
             if master:
                 save_checkpoint(run_dir / "last.ckpt", ckpt_payload)
-        if decision[0]:
+        if interrupted:
             bar.close()
             if master:
                 print(f"interrupted at step {step}; saved {run_dir}/last.ckpt; continue with --resume", file=sys.stderr)
             sys.exit(130 if stop["signal"] == signal.SIGINT else 143)
-        if decision[1] or stop_here:
+        if last and step < args.max_steps:
             if master:
                 bar.write(f"stopping at step {step} ({'time budget' if decision[1] else '--stop-at'}); "
                           f"continue with --resume")
@@ -397,7 +417,7 @@ def estimate_steps(model, loader, accum: int, autocast, device: torch.device, ar
     """How many optimizer steps fit in --time-budget, from timing a few forward+backward micro-steps.
     All ranks agree on the slowest rank's estimate. Gradients are discarded."""
     times = []
-    for micro in range(3):
+    for micro in range(4):
         x, y = (t.to(device) for t in loader.batch(0, micro % accum))
         t0 = time.perf_counter()
         with autocast:
@@ -407,7 +427,7 @@ def estimate_steps(model, loader, accum: int, autocast, device: torch.device, ar
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     model.zero_grad(set_to_none=True)
-    step_s = torch.tensor(min(times[1:]) * accum * 1.15)  # optimizer, logging and evals
+    step_s = torch.tensor(sorted(times[1:])[1] * accum * 1.1)  # median after a warm-up; +10% for the rest
     if dist.is_initialized():
         dist.all_reduce(step_s, op=dist.ReduceOp.MAX)
     return max(1, int(args.time_budget * 60 / step_s.item()))
