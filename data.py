@@ -11,6 +11,7 @@ Two modes: `prepare` tokenizes once into uint16/uint32 .bin shards read back wit
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -95,6 +96,9 @@ def open_dataset(source: str, text_field: str = "text"):
         if len(builders) > 1:
             raise DataError(f"{source} mixes file types {sorted(builders)}; use one kind of file")
         builder = builders.pop()
+        if builder == "text":
+            for f in files:
+                read_text(f)  # fail here, naming the file, rather than deep inside `datasets`
         extra = {"sample_by": "document"} if builder == "text" else {}  # one .txt file = one document
         ds = load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True, **extra)
     else:
@@ -111,7 +115,10 @@ def corpus_documents(source: str, text_field: str, val_docs: int, split: str,
         return
     ds = open_dataset(source, text_field)
     ds = ds.take(val_docs) if split == "val" else ds.skip(val_docs)
-    yield from (row[text_field] for row in ds)
+    try:
+        yield from (row[text_field] for row in ds)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{source} holds bytes that are not valid UTF-8 ({e.reason}); convert it to UTF-8") from None
 
 
 # --- prepare mode: tokenized shards ---------------------------------------------------------------
@@ -135,11 +142,10 @@ def write_shards(docs: Iterable[str], tok: Tokenizer, out_prefix: Path, shard_to
         os.replace(tmp, out_prefix.parent / name)
         names.append(name)
 
-    batch: list[str] = []
-    docs = iter(docs)
+    docs, n_docs = iter(docs), 0
     with tqdm(desc=desc, unit=" docs") as bar:
-        while True:
-            batch = [d for _, d in zip(range(256), docs)]  # encode_batch runs in parallel in Rust
+        while raw := list(itertools.islice(docs, 256)):  # encode_batch runs in parallel in Rust
+            batch = [d for d in raw if d]
             for ids in tok.encode_batch(batch):
                 buffer.append(tok.eos_id)
                 buffer.extend(ids)
@@ -147,9 +153,11 @@ def write_shards(docs: Iterable[str], tok: Tokenizer, out_prefix: Path, shard_to
                 flush(buffer[:shard_tokens])
                 buffer = buffer[shard_tokens:]
             bar.update(len(batch))
-            if not batch:
-                break
-    if buffer or not names:
+            n_docs += len(batch)
+    if n_docs == 0:
+        raise DataError(f"the {desc.split()[-1]} split has no non-empty documents; give a corpus with text in it "
+                        f"(and more documents than --val-docs)")
+    if buffer:
         flush(buffer)
     return names
 

@@ -4,7 +4,7 @@
   python inference.py --checkpoint checkpoints/tiny --prompts-file prompts.txt --batch-size 32 --num-procs 2
   python inference.py --checkpoint checkpoints/tiny --benchmark      # plots in generated_texts/
 
-Prompts longer than the context window minus --max-new-tokens are truncated from the left, with a warning.
+A prompt longer than the context window minus --max-new-tokens is an error; --truncate keeps its end instead.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import torch
 import torch.multiprocessing as mp
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from config import ArgumentParser, positive
 from model import GPT, generate
 from tokenizer import StreamDecoder, Tokenizer
 
@@ -27,20 +28,23 @@ SEED_PROMPTS = ["One day, Lily met a Shoggoth", "There was a girl called Rosy", 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--checkpoint", required=True, help="run directory or .ckpt file")
     p.add_argument("--prompt", action="append", help="repeatable; default: the seeds' five prompts")
     p.add_argument("--prompts-file", help="one prompt per line, or JSONL with a 'prompt' field")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--truncate", action="store_true", help="keep the end of a prompt that is too long")
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive(int), default=16)
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--num-procs", type=int, default=1, help="worker processes (one GPU each, or a CPU thread share)")
+    p.add_argument("--num-procs", type=positive(int), default=1,
+                   help="worker processes (one GPU each, or a CPU thread share)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens (benchmarks)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence every step")
     p.add_argument("--output", help="write results: .jsonl (prompt, completion, token ids) or .md")
@@ -61,8 +65,6 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--top-k must be at least 1 (got {args.top_k})")
     if not 0 < args.top_p <= 1:
         p.error(f"--top-p must be in (0, 1] (got {args.top_p})")
-    if args.batch_size < 1 or args.num_procs < 1:
-        p.error("--batch-size and --num-procs must be at least 1")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -85,17 +87,26 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts or list(SEED_PROMPTS)
 
 
-def encode_prompts(tok: Tokenizer, prompts: list[str], max_new_tokens: int, context: int) -> list[list[int]]:
-    """Token ids per prompt; an empty prompt is an error, an over-long one keeps its last tokens."""
+def encode_prompts(tok: Tokenizer, prompts: list[str], max_new_tokens: int, context: int,
+                   chat: bool = False, truncate: bool = False) -> list[list[int]]:
+    """Token ids per prompt (wrapped in the chat template with chat=True). An empty prompt is an error;
+    an over-long one is an error too, unless truncate=True keeps its last tokens."""
+    for i, text in enumerate(prompts):
+        if not text:
+            raise ValueError(f"prompt {i + 1} is empty; give at least one character of text")
+    if chat:
+        prompts = [tok.apply_chat_template([{"role": "user", "content": text}]) for text in prompts]
     if max_new_tokens >= context:
         raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the "
                          f"{context}-token context window; use at most {context - 1}")
     room = context - max_new_tokens
     encoded = []
     for i, ids in enumerate(tok.encode_batch(prompts)):
-        if not ids:
-            raise ValueError(f"prompt {i + 1} is empty; give at least one character of text")
         if len(ids) > room:
+            if not truncate:
+                raise ValueError(f"prompt {i + 1} has {len(ids)} tokens but only {room} fit before "
+                                 f"{max_new_tokens} new tokens in the {context}-token context; shorten it, "
+                                 f"lower --max-new-tokens, or pass --truncate to keep its end")
             print(f"warning: prompt {i + 1} has {len(ids)} tokens; keeping the last {room} so that "
                   f"{max_new_tokens} new tokens fit the {context}-token context", file=sys.stderr)
             ids = ids[-room:]
@@ -126,6 +137,8 @@ def generate_all(model: GPT, tok: Tokenizer, prompts: list[list[int]], args: arg
             token = int(next_ids[0])
             if token != tok.eos_id or args.ignore_eos:
                 stream(decoder.push(token))
+            if step == args.max_new_tokens - 1 or (token == tok.eos_id and not args.ignore_eos):
+                stream(decoder.flush())
     t0 = time.perf_counter()
     for start in range(0, len(order), args.batch_size):
         batch = order[start:start + args.batch_size]
@@ -292,7 +305,8 @@ def main(argv: list[str] | None = None) -> None:
             return
         model, tok = load_model(args.checkpoint, args.device, args.dtype)
         texts = read_prompts(args)
-        prompts = encode_prompts(tok, texts, args.max_new_tokens, model.config.max_seq_len)
+        prompts = encode_prompts(tok, texts, args.max_new_tokens, model.config.max_seq_len, args.chat,
+                                 args.truncate)
         single = len(prompts) == 1 and args.num_procs == 1
         if single:
             print(texts[0], end="", flush=True)

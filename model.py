@@ -65,7 +65,12 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # no-op unless autocast or a bf16 model
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache_pos is not None:  # write in place, then attend over every slot filled so far
+        if isinstance(cache_pos, torch.Tensor):  # decode_step: static shapes, the mask hides unfilled slots
+            k_all, v_all = self.k_cache[:B], self.v_cache[:B]
+            k_all.index_copy_(2, cache_pos, k)
+            v_all.index_copy_(2, cache_pos, v)
+            k, v = k_all, v_all
+        elif cache_pos is not None:  # write in place, then attend over every slot filled so far
             end = cache_pos + T
             self.k_cache[:B, :, cache_pos:end] = k
             self.v_cache[:B, :, cache_pos:end] = v
@@ -213,6 +218,27 @@ class GPT(nn.Module):
         logits = self.lm_head(x[:, -1:] if last_only else x)
         return logits, None
 
+    def compiled_decode_step(self):
+        """decode_step through torch.compile, made once per model; CUDA graphs replay it on GPU."""
+        if getattr(self, "_compiled_decode", None) is None:
+            mode = "reduce-overhead" if self.embed_tokens.weight.is_cuda else None
+            self._compiled_decode = torch.compile(self.decode_step, mode=mode, fullgraph=True, dynamic=False)
+        return self._compiled_decode
+
+    def decode_step(self, tokens: torch.Tensor, slot: torch.Tensor, pad_lens: torch.Tensor) -> torch.Tensor:
+        """One cached decode step with shapes that never change: tokens (B, 1), slot (1,) the cache slot to
+        write, pad_lens (B,). Attends over the whole cache buffer, masked, so that torch.compile (and CUDA
+        graphs) see one static graph for the whole generation. Returns logits (B, vocab)."""
+        B = tokens.size(0)
+        keys = torch.arange(self.layers[0].self_attn.k_cache.size(2), device=tokens.device)
+        positions = (slot - pad_lens).clamp(min=0)                                  # (B,)
+        cos, sin = self.rope_cos[positions][:, None, None], self.rope_sin[positions][:, None, None]
+        mask = ((keys[None] <= slot) & (keys[None] >= pad_lens[:, None]))[:, None, None]  # (B, 1, 1, S)
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, slot)
+        return self.lm_head(self.norm(x))[:, -1].view(B, -1)
+
 
 # --- generation: one sampling routine and one loop, shared by train, inference, app and bench -----------
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -238,12 +264,15 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
 @torch.inference_mode()
 def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0,
-             generator: torch.Generator | None = None, use_cache: bool = True,
+             generator: torch.Generator | None = None, use_cache: bool = True, compile: bool = False,
              on_token=None) -> tuple[list[list[int]], dict]:
     """Generate for a batch of token-id prompts of any lengths (left-padded into one batch).
 
     A row stops at eos_id (which is not returned) or after max_new_tokens. on_token(step, ids) is called
-    with each step's (B,) ids, for streaming. Returns the new ids per row, in input order, and timings.
+    with each step's (B,) ids, for streaming. With the KV cache, prefill runs model.forward and every
+    decode step runs model.decode_step (static shapes); compile=True runs that step through torch.compile
+    (CUDA graphs on GPU). use_cache=False recomputes the whole sequence each step, for comparison.
+    Returns the new ids per row, in input order, and timings.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -257,6 +286,9 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     pad_lens = torch.tensor([width - n for n in lengths], device=device) if min(lengths) < width else None
     if use_cache:
         model.setup_kv_cache(batch, width + max_new_tokens)
+        slot = torch.tensor([width], device=device)
+        decode = model.compiled_decode_step() if compile else model.decode_step
+        row_pads = pad_lens if pad_lens is not None else torch.zeros(batch, dtype=torch.long, device=device)
 
     def sync():
         if device.type == "cuda":
@@ -281,11 +313,12 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
         if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
             break
         if use_cache:
-            logits, _ = model(next_ids[:, None], pad_lens=pad_lens, use_cache=True, last_only=True)
+            logits = decode(next_ids[:, None], slot, row_pads)
+            slot += 1
         else:
             idx = torch.cat([idx, next_ids[:, None]], dim=1)
-            logits, _ = model(idx, pad_lens=pad_lens, last_only=True)
-        next_ids = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+            logits = model(idx, pad_lens=pad_lens, last_only=True)[0][:, -1]
+        next_ids = sample_next(logits, temperature, top_k, top_p, generator)
     sync()
     t2 = time.perf_counter()
     rows = []

@@ -4,13 +4,14 @@ python tokenizer.py train --input FILE... --vocab-size 4096 --out data/tokenizer
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from config import ArgumentParser
 
 EOT = "<|endoftext|>"  # separates documents; also the end-of-sequence token for generation
 PAD = "<|pad|>"
@@ -22,8 +23,9 @@ PAD_CANDIDATES = (PAD, "<pad>", "[PAD]")
 class Tokenizer:
     """Thin wrapper: encode/decode without adding special tokens, plus the special ids."""
 
-    def __init__(self, hf: HFTokenizer, eos_token: str | None = None):
+    def __init__(self, hf: HFTokenizer, eos_token: str | None = None, chat_template: str | None = None):
         self.hf = hf
+        self.chat_template = chat_template
         self.eos_id = self._first_id(([eos_token] if eos_token else []) + list(EOS_CANDIDATES))
         if self.eos_id is None:
             raise ValueError(f"tokenizer has none of the end-of-text tokens {EOS_CANDIDATES}")
@@ -50,8 +52,8 @@ class Tokenizer:
             raise ValueError(f"cannot read tokenizer {path}: {e}") from None
 
     @classmethod
-    def from_str(cls, json_text: str, eos_token: str | None = None) -> Tokenizer:
-        return cls(HFTokenizer.from_str(json_text), eos_token)
+    def from_str(cls, json_text: str, eos_token: str | None = None, chat_template: str | None = None) -> Tokenizer:
+        return cls(HFTokenizer.from_str(json_text), eos_token, chat_template)
 
     @classmethod
     def train(cls, texts: Iterable[str] | None = None, files: list[str] | None = None,
@@ -79,6 +81,17 @@ class Tokenizer:
     def to_str(self) -> str:
         return self.hf.to_str()
 
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        """Render a conversation with the model's Jinja chat template, ending with the assistant's turn."""
+        if not self.chat_template:
+            raise ValueError("this checkpoint has no chat template; drop --chat or use an instruct model")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        eos = self.hf.id_to_token(self.eos_id)
+        return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=True,
+                                                          eos_token=eos, bos_token="")
+
     @property
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
@@ -98,23 +111,31 @@ class StreamDecoder:
     """Turns ids that arrive one at a time into text pieces, holding back an incomplete UTF-8 character."""
 
     def __init__(self, tok: Tokenizer):
-        self.tok, self.ids, self.printed = tok, [], ""
+        self.tok, self.ids, self.printed, self.held = tok, [], "", 0
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
         text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):  # the rest of a multi-byte character comes with a later token
+        # A character needs at most 4 bytes: wait up to 3 more tokens for its rest, then show it as is.
+        if text.endswith("\ufffd") and self.held < 3:
+            self.held += 1
             return ""
+        self.held = 0
+        return self.flush()
+
+    def flush(self) -> str:
+        """Whatever is still held back (call at the end of a stream)."""
+        text = self.tok.decode(self.ids)
         piece, self.printed = text[len(self.printed):], text
         return piece
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     train_p = sub.add_parser("train", help="train a byte-level BPE tokenizer")
     train_p.add_argument("--input", nargs="+", required=True, help="text files to train on")
-    train_p.add_argument("--vocab-size", type=int, default=4096)
+    train_p.add_argument("--vocab-size", type=int, default=4096, help="tokens, at least 258")
     train_p.add_argument("--out", default="data/tokenizer.json")
     args = parser.parse_args(argv)
     missing = [f for f in args.input if not Path(f).is_file()]

@@ -25,45 +25,50 @@ from tqdm import tqdm
 
 import data
 from checkpoint import CheckpointError, clean_state_dict, load_checkpoint, save_checkpoint
-from config import ModelConfig, add_model_args, config_from_args
+from config import ArgumentParser, ModelConfig, add_model_args, config_from_args, positive
 from model import GPT, generate
 from tokenizer import Tokenizer
 
 SAMPLE_PROMPT = "ROMEO.\n"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__)
     add_model_args(p)
     p.add_argument("--run-name", default=None, help="checkpoints go in checkpoints/RUN_NAME (default: preset)")
     p.add_argument("--data", default="shakespeare", help="'shakespeare', local .txt/.jsonl/.parquet, or a hub name")
     p.add_argument("--data-mode", choices=["prepare", "stream"], default="prepare")
     p.add_argument("--data-dir", default="data", help="cache for corpora, tokenizers and token shards")
     p.add_argument("--text-field", default="text")
-    p.add_argument("--val-docs", type=int, default=500, help="validation documents (non-Shakespeare corpora)")
+    p.add_argument("--val-docs", type=positive(int), default=500, help="validation documents (non-Shakespeare corpora)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: train one on the train split)")
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: from --time-budget)")
-    p.add_argument("--time-budget", type=float, default=None, help="minutes of training")
-    p.add_argument("--more-steps", type=int, default=0, help="with --resume: train N steps past the end")
-    p.add_argument("--stop-at", type=int, default=None,
+    p.add_argument("--max-steps", type=positive(int), default=None,
+                   help="optimizer steps (default: from --time-budget, else 2000)")
+    p.add_argument("--time-budget", type=positive(float), default=None, help="minutes of training")
+    p.add_argument("--more-steps", type=positive(int), default=0, help="with --resume: train N steps past the end")
+    p.add_argument("--stop-at", type=positive(int), default=None,
                    help="save and exit after this step, schedule unchanged (for fixed-length job slots)")
-    p.add_argument("--tokens-per-step", type=int, default=None,
+    p.add_argument("--tokens-per-step", type=positive(int), default=None,
                    help="tokens per optimizer step (default 100k; 8192 for tiny)")
-    p.add_argument("--micro-batch", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=None, help="default: the model's max_seq_len")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-4; 1e-3 for tiny)")
+    p.add_argument("--micro-batch", type=positive(int), default=16)
+    p.add_argument("--seq-len", type=positive(int), default=None, help="default: the model's max_seq_len")
+    p.add_argument("--lr", type=positive(float), default=None, help="peak learning rate (default 5e-4; 1e-3 for tiny)")
     p.add_argument("--min-lr", type=float, default=None, help="default: lr / 10")
-    p.add_argument("--warmup-steps", type=int, default=None, help="default: 1000, or 1/20 of the run for tiny")
+    p.add_argument("--warmup-steps", type=positive(int), default=None,
+                   help="default: 1000, or 1/20 of the run for tiny")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="autocast dtype; auto = bf16 on CUDA (fp16 without bf16 support), fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", action="store_true", help="continue from checkpoints/RUN_NAME/last.ckpt")
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s for MFU (default: timed)")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="resume if last.ckpt exists, else start (for restarts by torchrun or a scheduler)")
+    p.add_argument("--eval-every", type=positive(int), default=100)
+    p.add_argument("--save-every", type=positive(int), default=100)
+    p.add_argument("--log-every", type=positive(int), default=10)
+    p.add_argument("--peak-flops", type=positive(float), default=None,
+                   help="device peak FLOP/s for MFU (default: timed)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--out-dir", default="checkpoints")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -198,12 +203,18 @@ def plot_losses(history: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, path)  # a full disk leaves the old plot, never a torn one
+    except OSError:
+        tmp.unlink(missing_ok=True)
+    finally:
+        plt.close(fig)
 
 
-class StopRequested(Exception):
-    pass
+class UsageError(Exception):
+    """A flag that does not fit the run: exit code 2, like argparse's own errors."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -212,7 +223,11 @@ def main(argv: list[str] | None = None) -> None:
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         train(args, explicit_args(parser, argv))
-    except (data.DataError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except UsageError as e:
+        if args.debug:
+            raise
+        parser.error(str(e))
+    except (data.DataError, CheckpointError, ValueError, OSError) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
@@ -228,26 +243,39 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
     rank, world, device = setup_distributed()
     master = rank == 0
     run_dir = Path(args.out_dir) / (args.run_name or args.preset)
+    if master:
+        for stale in run_dir.glob(".*.tmp"):  # left by a save that was killed midway
+            stale.unlink()
     ckpt = None
+    if args.auto_resume and (run_dir / "last.ckpt").exists():
+        args.resume = True
     if args.resume:
         ckpt = load_checkpoint(run_dir / "last.ckpt")
+        changed = sorted(k for k in explicit if k in ckpt["config"] or k == "preset"
+                         if explicit[k] != ckpt["config"].get(k, ckpt["train_args"].get(k)))
+        if changed:
+            raise UsageError(f"{run_dir} was trained with another model config ({', '.join(changed)} differ); "
+                             f"drop those flags to resume, or pick a new --run-name")
         args = argparse.Namespace(**{**ckpt["train_args"], **explicit, "resume": True})
         args.max_steps = explicit.get("max_steps", ckpt["train_args"]["max_steps"]) + args.more_steps
         cfg = ModelConfig(**ckpt["config"])
         tok = Tokenizer.from_str(ckpt["tokenizer"])
     else:
         resolve_defaults(args, device)
-        cfg = config_from_args(args)
+        try:
+            cfg = config_from_args(args)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         tok = get_tokenizer(args, cfg.vocab_size, rank)
     if tok.vocab_size > cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}; "
+        raise UsageError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}; "
                          f"pass --vocab-size {tok.vocab_size} or a smaller tokenizer")
     seq_len = args.seq_len = args.seq_len or cfg.max_seq_len
     if seq_len > cfg.max_seq_len:
-        raise ValueError(f"--seq-len {seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}; "
+        raise UsageError(f"--seq-len {seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}; "
                          f"also pass --max-seq-len {seq_len}")
     if args.dtype == "fp16" and device.type != "cuda":
-        raise ValueError("--dtype fp16 needs a CUDA GPU (it uses a GradScaler); use --dtype bf16 on CPU")
+        raise UsageError("--dtype fp16 needs a CUDA GPU (it uses a GradScaler); use --dtype bf16 on CPU")
     accum = max(1, round(args.tokens_per_step / (args.micro_batch * seq_len * world)))
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -335,76 +363,82 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
     bar = tqdm(total=args.max_steps, initial=start_step, disable=not master, unit="step", dynamic_ncols=True)
     t_begin = t_log = time.perf_counter()
     step = start_step
-    while step < args.max_steps:
-        lr = lr_at(step, args)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            x, y = (t.to(device) for t in loader.batch(step, micro))
-            # DDP: no gradient all-reduce until the last micro-step; the forward must be inside no_sync too.
-            skip_sync = dist.is_initialized() and micro < accum - 1
-            with model.no_sync() if skip_sync else nullcontext():
-                with autocast:
-                    _, loss = model(x, y)
-                scaler.scale(loss / accum).backward()
-            loss_sum += loss.detach()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        if dist.is_initialized():
-            dist.all_reduce(loss_sum)  # gloo has no AVG
-        train_loss = loss_sum.item() / accum / world
-        t_step_end = time.perf_counter()
-        step += 1
-        if not math.isfinite(train_loss):
-            raise ValueError(f"loss is {train_loss} at step {step}; stopped without saving so {run_dir}/last.ckpt "
-                             f"keeps the last good state; lower --lr or use --dtype fp32, then --resume")
-        history["train"].append((step, train_loss))
-        bar.update(1)
-        bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}")
-        if step % args.log_every == 0 and master:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            now = time.perf_counter()
-            tps = tokens_per_step * args.log_every / (now - t_log)
-            t_log = now
-            bar.write(f"step {step}: loss {train_loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s "
-                      f"MFU {100 * fpt * tps / world / peak:.1f}%")
-        over_budget = args.time_budget and time.perf_counter() - t_begin > args.time_budget * 60
-        decision = torch.tensor([float(stop["signal"] is not None), float(bool(over_budget))])
-        if dist.is_initialized():
-            dist.all_reduce(decision)  # every rank must leave the loop at the same step
-        interrupted = bool(decision[0])
-        last = step == args.max_steps or bool(decision[1]) or step == args.stop_at
-        if (step % args.eval_every == 0 or last) and not interrupted:
-            val_loss, bpb = evaluate(model, val_chunks, byte_lengths, args.micro_batch, autocast, rank, world, device)
-            history["val"].append((step, val_loss))
-            if master:
-                bar.write(f"step {step}: val loss {val_loss:.4f}  val bits/byte {bpb:.4f}  "
-                          f"| {sample(raw_model, tok)!r}")
-                plot_losses(history, run_dir / "loss.png")
-                if val_loss < best_val:
-                    best_val = val_loss
-                    save_checkpoint(run_dir / "best.ckpt", payload(step) | {"val_bpb": bpb})
-        if step % args.save_every == 0 or last or interrupted:
-            ckpt_payload = payload(step)  # collective in stream mode: every rank takes part
-            if master:
-                save_checkpoint(run_dir / "last.ckpt", ckpt_payload)
-        if interrupted:
-            bar.close()
-            if master:
-                print(f"interrupted at step {step}; saved {run_dir}/last.ckpt; continue with --resume", file=sys.stderr)
-            sys.exit(130 if stop["signal"] == signal.SIGINT else 143)
-        if last and step < args.max_steps:
-            if master:
-                bar.write(f"stopping at step {step} ({'time budget' if decision[1] else '--stop-at'}); "
-                          f"continue with --resume")
-            break
-        t_log += time.perf_counter() - t_step_end  # evals and saves do not count against tokens/s
-    bar.close()
+    try:  # the bar is closed on every way out, so that an error message starts on its own line
+        while step < args.max_steps:
+            lr = lr_at(step, args)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(accum):
+                x, y = (t.to(device) for t in loader.batch(step, micro))
+                # DDP: no gradient all-reduce until the last micro-step; the forward must be inside no_sync too.
+                skip_sync = dist.is_initialized() and micro < accum - 1
+                with model.no_sync() if skip_sync else nullcontext():
+                    with autocast:
+                        _, loss = model(x, y)
+                    scaler.scale(loss / accum).backward()
+                loss_sum += loss.detach()
+            scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+            if dist.is_initialized():
+                dist.all_reduce(loss_sum)  # gloo has no AVG
+            train_loss = loss_sum.item() / accum / world
+            # Stop before a non-finite update reaches the weights (fp16's GradScaler skips such steps itself).
+            if not math.isfinite(train_loss) or (not scaler.is_enabled() and not math.isfinite(grad_norm.item())):
+                bar.close()
+                raise ValueError(f"loss {train_loss:.4g}, gradient norm {grad_norm.item():.4g} at step {step + 1}; "
+                                 f"stopped without saving, so {run_dir}/last.ckpt keeps the last good state; "
+                                 f"lower --lr, then --resume")
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            t_step_end = time.perf_counter()
+            step += 1
+            history["train"].append((step, train_loss))
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}")
+            if step % args.log_every == 0 and master:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                now = time.perf_counter()
+                tps = tokens_per_step * args.log_every / (now - t_log)
+                t_log = now
+                bar.write(f"step {step}: loss {train_loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s "
+                          f"MFU {100 * fpt * tps / world / peak:.1f}%")
+            over_budget = args.time_budget and time.perf_counter() - t_begin > args.time_budget * 60
+            decision = torch.tensor([float(stop["signal"] is not None), float(bool(over_budget))])
+            if dist.is_initialized():
+                dist.all_reduce(decision)  # every rank must leave the loop at the same step
+            interrupted = bool(decision[0])
+            last = step == args.max_steps or bool(decision[1]) or step == args.stop_at
+            if (step % args.eval_every == 0 or last) and not interrupted:
+                val_loss, bpb = evaluate(model, val_chunks, byte_lengths, args.micro_batch, autocast, rank, world,
+                                         device)
+                history["val"].append((step, val_loss))
+                if master:
+                    bar.write(f"step {step}: val loss {val_loss:.4f}  val bits/byte {bpb:.4f}  "
+                              f"| {sample(raw_model, tok)!r}")
+                    plot_losses(history, run_dir / "loss.png")
+                    if val_loss < best_val:
+                        best_val = val_loss
+                        save_checkpoint(run_dir / "best.ckpt", payload(step) | {"val_bpb": bpb})
+            if step % args.save_every == 0 or last or interrupted:
+                ckpt_payload = payload(step)  # collective in stream mode: every rank takes part
+                if master:
+                    save_checkpoint(run_dir / "last.ckpt", ckpt_payload)
+            if interrupted:
+                if master:
+                    print(f"interrupted at step {step}; saved {run_dir}/last.ckpt; continue with --resume",
+                          file=sys.stderr)
+                sys.exit(130 if stop["signal"] == signal.SIGINT else 143)
+            if last and step < args.max_steps:
+                if master:
+                    bar.write(f"stopping at step {step} ({'time budget' if decision[1] else '--stop-at'}); "
+                              f"continue with --resume")
+                break
+            t_log += time.perf_counter() - t_step_end  # evals and saves do not count against tokens/s
+    finally:
+        bar.close()
     if master:
         plot_losses(history, run_dir / "loss.png")
         last_val = history["val"][-1][1] if history["val"] else float("nan")

@@ -122,29 +122,6 @@ def test_real_gguf_greedy_generation_matches_transformers(smollm2):
         assert (ours(idx)[0] - theirs(idx).logits).abs().max().item() < 1e-3
 
 
-def test_unsupported_quantization_is_a_clear_error(tmp_path):
-    import numpy as np
-    from gguf import GGMLQuantizationType, GGUFWriter
-
-    path = tmp_path / "q2k.gguf"
-    writer = GGUFWriter(str(path), "llama")
-    for key, value in [("block_count", 1), ("embedding_length", 256), ("feed_forward_length", 256),
-                       ("context_length", 64), ("attention.head_count", 2)]:
-        writer.add_uint32(f"llama.{key}", value)
-    writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
-    raw = np.zeros((1, 84), dtype=np.uint8)  # one Q2_K block of 256 weights
-    writer.add_tensor("blk.0.attn_q.weight", raw, raw_dtype=GGMLQuantizationType.Q2_K)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    done = subprocess.run([sys.executable, "convert.py", "from-gguf", str(path), "--out", str(tmp_path / "o")],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert "quantization type Q2_K" in done.stderr and "supported: F32" in done.stderr
-    assert not (tmp_path / "o").exists()
-
-
 def test_to_hf_cli_loads_in_transformers(small_tokenizer, tmp_path):
     ckpt = ours_ckpt(shrunk(2, True), small_tokenizer) | {"chat_template": "{{ messages[0]['content'] }}"}
     save_checkpoint(tmp_path / "run" / "last.ckpt", ckpt)

@@ -151,5 +151,19 @@ def test_cli_bad_input_one_line(ckpt_dir):
         done = cli(*args)
         assert done.returncode == code, (args, done.stderr)
         assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
-    long = cli("--checkpoint", str(ckpt_dir), "--prompt", "to be or not " * 60, "--max-new-tokens", "16")
-    assert long.returncode == 0 and "keeping the last 80" in long.stderr
+    long = ("--checkpoint", str(ckpt_dir), "--prompt", "to be or not " * 60, "--max-new-tokens", "16")
+    refused = cli(*long)
+    assert refused.returncode == 1 and "pass --truncate" in refused.stderr
+    truncated = cli(*long, "--truncate")
+    assert truncated.returncode == 0 and "keeping the last 80" in truncated.stderr
+
+
+def test_compiled_decode_step_gives_the_same_tokens(loaded):
+    """The fast path (torch.compile of the static decode step) against the plain path, on a ragged batch."""
+    model, tok = loaded
+    prompts = [tok.encode(p) for p in PROMPTS]
+    plain, _ = generate(model, prompts, 16)
+    fast, _ = generate(model, prompts, 16, compile=True)
+    assert fast == plain
+    again, _ = generate(model, prompts[:2], 16, compile=True)  # other shapes: recompiles, still right
+    assert again == [generate(model, [p], 16)[0][0] for p in prompts[:2]]

@@ -41,7 +41,7 @@ def test_save_load_same_ids_and_batch(small_tokenizer, tmp_path):
 
 def test_stream_decoder_yields_whole_characters(small_tokenizer):
     decoder = StreamDecoder(small_tokenizer)
-    pieces = [decoder.push(i) for i in small_tokenizer.encode(NASTY)]
+    pieces = [decoder.push(i) for i in small_tokenizer.encode(NASTY)] + [decoder.flush()]
     assert "".join(pieces) == NASTY and all("\ufffd" not in p for p in pieces)
 
 
@@ -67,3 +67,11 @@ def test_cli_trains(shakespeare_dir, tmp_path):
     bad = subprocess.run([sys.executable, "tokenizer.py", "train", "--input", "nope.txt"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "not found: nope.txt" in bad.stderr
+
+
+def test_stream_decoder_does_not_hold_invalid_bytes_forever(small_tokenizer):
+    """Random byte tokens (an untrained model) must still reach the screen, as replacement characters."""
+    lone = [i for i in range(2, 512) if small_tokenizer.decode([i]) == "\ufffd"][:6]
+    decoder = StreamDecoder(small_tokenizer)
+    pieces = [decoder.push(i) for i in lone]
+    assert "".join(pieces) != "" and "".join(pieces) + decoder.flush() == small_tokenizer.decode(lone)

@@ -111,7 +111,7 @@ def test_atomic_checkpoint_survives_a_failed_write(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", torn_save)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match="No space left on device.*previous last.ckpt, if any, is intact"):
         save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "config": {}, "step": 2})
     assert path.read_bytes() == good and list(tmp_path.iterdir()) == [path]
     assert load_checkpoint(path)["step"] == 1

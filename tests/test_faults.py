@@ -1,0 +1,164 @@
+"""Reliability: SIGKILL at random points, SIGTERM/Ctrl-C saves, torchrun elastic restarts, unsafe pickles,
+and bounded memory. FAULT_KILLS=50 pytest tests/test_faults.py is the stress mode (README)."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tests.test_train import assert_same_run, small_run
+
+ROOT = Path(__file__).resolve().parent.parent
+KILLS = int(os.environ.get("FAULT_KILLS", "5"))
+
+
+@pytest.fixture(scope="module")
+def tok_path(small_tokenizer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    small_tokenizer.save(path)
+    return path
+
+
+def train_cmd(tok_path, out_dir, *extra):
+    return [sys.executable, "train.py", *small_run(tok_path, out_dir, "--micro-batch", "4", "--tokens-per-step",
+                                                   "256", "--save-every", "1", *extra)]
+
+
+def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tok_path, tmp_path):
+    steps = str(40 * KILLS)  # enough steps that every kill lands mid-run
+    straight = subprocess.run(train_cmd(tok_path, tmp_path / "straight", "--max-steps", steps),
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    rng = random.Random(int(os.environ.get("FAULT_SEED", "0")))
+    ckpt_path = tmp_path / "killed" / "run" / "last.ckpt"
+    kills = attempts = 0
+    seen_steps = []
+    while True:
+        attempts += 1
+        assert attempts < 4 * KILLS + 10, "the run never finished"
+        proc = subprocess.Popen(train_cmd(tok_path, tmp_path / "killed", "--max-steps", steps, "--auto-resume"),
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if kills < KILLS:
+            # Wait for this attempt to make progress, then kill it at a random moment: mid-step or mid-save.
+            before = load_checkpoint(ckpt_path)["step"] if ckpt_path.exists() else 0
+            deadline = time.time() + 120
+            while proc.poll() is None and time.time() < deadline:
+                if ckpt_path.exists() and load_checkpoint(ckpt_path)["step"] > before:
+                    break
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.6))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+        _, err = proc.communicate(timeout=600)
+        # Whatever moment the kill hit, last.ckpt is whole and readable.
+        seen_steps.append(load_checkpoint(ckpt_path)["step"])
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    assert kills >= KILLS and seen_steps == sorted(seen_steps)
+    assert_same_run(load_checkpoint(tmp_path / "straight" / "run" / "last.ckpt"), load_checkpoint(ckpt_path),
+                    atol=0)
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_save_before_exit(tok_path, tmp_path, sig, code):
+    cmd = train_cmd(tok_path, tmp_path, "--max-steps", "100000", "--save-every", "100000")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:  # wait for the first steps (bar on stderr)
+        if (tmp_path / "run").exists():
+            break
+        time.sleep(0.1)
+    time.sleep(3)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    assert "saved" in err and "--resume" in err and "Traceback" not in err
+    ckpt = load_checkpoint(tmp_path / "run" / "last.ckpt")
+    assert ckpt["step"] >= 1 and len(ckpt["history"]["train"]) == ckpt["step"]
+
+
+def test_torchrun_elastic_restart_resumes_from_last_ckpt(tok_path, tmp_path):
+    common = ["--max-steps", "14", "--micro-batch", "4", "--tokens-per-step", "512"]
+    reference = subprocess.run([sys.executable, "train.py", *small_run(tok_path, tmp_path / "ref", *common)],
+                               cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:29531", "train.py",
+           *small_run(tok_path, tmp_path / "ddp", *common, "--save-every", "1", "--auto-resume")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ckpt_path = tmp_path / "ddp" / "run" / "last.ckpt"
+    deadline = time.time() + 180
+    while not (ckpt_path.exists() and load_checkpoint(ckpt_path)["step"] >= 3) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    killed_at = load_checkpoint(ckpt_path)["step"]
+    os.kill(int(workers[1]), signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    final = load_checkpoint(ckpt_path)
+    assert final["step"] == 14 and killed_at < 14
+    assert out.count("world 2 x micro-batch 4") == 2  # the workers started twice: once, then once restarted
+    assert_same_run(load_checkpoint(tmp_path / "ref" / "run" / "last.ckpt"), final, atol=2e-5)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = "/tmp/slm-pickle-ran-code"
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    Path(MARKER).unlink(missing_ok=True)
+    path = tmp_path / "evil.ckpt"
+    torch.save({"model": {}, "config": {}, "payload": RunsCode()}, path)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_checkpoint(path)
+    assert not Path(MARKER).exists()
+    done = subprocess.run([sys.executable, "inference.py", "--checkpoint", str(path)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "refusing to load" in done.stderr and not Path(MARKER).exists()
+    # The file is live: a full unpickle does run its code. The refusal is what protects us.
+    torch.load(path, weights_only=False)
+    assert Path(MARKER).exists()
+    Path(MARKER).unlink()
+
+
+def test_memory_bounded_by_batch_size(small_tokenizer, tmp_path):
+    """Peak RSS for 1,000 prompts is about that for 100: batches come and go, only token ids pile up."""
+    from config import get_config
+    from model import GPT
+
+    cfg = get_config("tiny", vocab_size=512, n_layer=2, d_model=64, n_head=4, n_kv_head=2, ffn_hidden=128,
+                     max_seq_len=128)
+    save_checkpoint(tmp_path / "last.ckpt", {"model": GPT(cfg).state_dict(), "config": cfg.to_dict(),
+                                             "tokenizer": small_tokenizer.to_str()})
+    script = (
+        "import argparse, resource, sys, inference\n"
+        "model, tok = inference.load_model(sys.argv[1], 'cpu', 'fp32')\n"
+        "prompts = [tok.encode(f'Prompt number {i} says hello') for i in range(int(sys.argv[2]))]\n"
+        "args = argparse.Namespace(max_new_tokens=64, temperature=0.0, top_k=None, top_p=1.0, batch_size=8,\n"
+        "                          ignore_eos=True, no_kv_cache=False)\n"
+        "rows, _ = inference.generate_all(model, tok, prompts, args)\n"
+        "assert len(rows) == int(sys.argv[2])\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    peak = {}
+    for n in (100, 1000):
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "last.ckpt"), str(n)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        peak[n] = int(done.stdout.split()[-1])  # KiB
+    assert peak[1000] - peak[100] < 20 * 1024, peak  # < 20 MiB more for 10x the prompts
