@@ -103,13 +103,19 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    kwargs = {"device_id": device} if cuda else {}
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun keeps one store across restarts: a restarted group would read the dead group's
+        # addresses, so each attempt gets its own key prefix.
+        world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False)
+        kwargs |= {"store": dist.PrefixStore(f"slm/attempt_{restart}", store), "rank": rank, "world_size": world}
+    if cuda:
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", **kwargs)
     return dist.get_rank(), dist.get_world_size(), device
 
 

@@ -48,7 +48,7 @@ def assert_same_run(a, b, atol=1e-6):
 def test_ddp_two_gloo_ranks_equal_one_process(tok_path, tmp_path):
     common = ["--max-steps", "3", "--micro-batch", "4", "--tokens-per-step", "512"]
     single = run_in_process(small_run(tok_path, tmp_path / "single", *common))  # 1 rank x 2 micro-steps
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", "29517",
            "train.py", *small_run(tok_path, tmp_path / "ddp", *common)]       # 2 ranks x 1 micro-step
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
