@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BUDGET ?= 10   # minutes of training for `make train`
 DEV_STAMP := $(VENV)/.installed-dev
 
 $(STAMP): requirements.txt
@@ -19,7 +20,7 @@ $(DEV_STAMP): $(STAMP) requirements-dev.txt requirements-app.txt
 install: $(STAMP)
 
 train: $(STAMP)
-	$(PY) train.py --preset tiny --run-name tiny --time-budget 10
+	$(PY) train.py --preset tiny --run-name tiny --time-budget $(BUDGET)
 	$(PY) inference.py --checkpoint checkpoints/tiny --max-new-tokens 200 --output generated_texts/tiny_samples.md
 
 test: $(DEV_STAMP)

@@ -47,6 +47,8 @@ def build_parser() -> ArgumentParser:
                    help="worker processes (one GPU each, or a CPU thread share)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens (benchmarks)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence every step")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (CUDA graphs on GPU); the first batch pays the compile")
     p.add_argument("--output", help="write results: .jsonl (prompt, completion, token ids) or .md")
     p.add_argument("--stats-json", help="write the speed report as JSON")
     p.add_argument("--benchmark", action="store_true", help="sweep batch sizes and process counts, plot")
@@ -145,7 +147,8 @@ def generate_all(model: GPT, tok: Tokenizer, prompts: list[list[int]], args: arg
         rows, stats = generate(model, [prompts[i] for i in batch], args.max_new_tokens,
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                eos_id=None if args.ignore_eos else tok.eos_id, pad_id=tok.pad_id,
-                               generator=generator, use_cache=not args.no_kv_cache, on_token=on_token)
+                               generator=generator, use_cache=not args.no_kv_cache,
+                               compile=args.compile, on_token=on_token)
         for i, row in zip(batch, rows):
             results[i] = row
         for key in totals:

@@ -148,7 +148,7 @@ def test_memory_bounded_by_batch_size(small_tokenizer, tmp_path):
         "model, tok = inference.load_model(sys.argv[1], 'cpu', 'fp32')\n"
         "prompts = [tok.encode(f'Prompt number {i} says hello') for i in range(int(sys.argv[2]))]\n"
         "args = argparse.Namespace(max_new_tokens=64, temperature=0.0, top_k=None, top_p=1.0, batch_size=8,\n"
-        "                          ignore_eos=True, no_kv_cache=False)\n"
+        "                          ignore_eos=True, no_kv_cache=False, compile=False)\n"
         "rows, _ = inference.generate_all(model, tok, prompts, args)\n"
         "assert len(rows) == int(sys.argv[2])\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
