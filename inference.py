@@ -19,7 +19,7 @@ import torch
 import torch.multiprocessing as mp
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from config import ArgumentParser, positive
+from config import ArgumentParser, exit_with_error, positive
 from model import GPT, generate
 from tokenizer import StreamDecoder, Tokenizer
 
@@ -329,10 +329,7 @@ def main(argv: list[str] | None = None) -> None:
             Path(args.stats_json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.stats_json).write_text(json.dumps(report, indent=1))
     except (CheckpointError, ValueError, FileNotFoundError, json.JSONDecodeError, KeyError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        exit_with_error(e, args.debug)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import data
 from checkpoint import CheckpointError, clean_state_dict, load_checkpoint, save_checkpoint
-from config import ArgumentParser, ModelConfig, add_model_args, config_from_args, positive
+from config import ArgumentParser, ModelConfig, add_model_args, config_from_args, exit_with_error, positive
 from model import GPT, generate
 from tokenizer import Tokenizer
 
@@ -234,10 +234,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         parser.error(str(e))
     except (data.DataError, CheckpointError, ValueError, OSError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        exit_with_error(e, args.debug)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)

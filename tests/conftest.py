@@ -21,3 +21,11 @@ def small_tokenizer(shakespeare_dir) -> Tokenizer:
     """A 512-token BPE trained on a few plays: quick to train, real merges."""
     train, _ = shakespeare_split(shakespeare_dir)
     return Tokenizer.train(files=train[:4], vocab_size=512, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def tok_path(small_tokenizer, tmp_path_factory) -> Path:
+    """small_tokenizer saved as a tokenizer.json, for the scripts' --tokenizer flag."""
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    small_tokenizer.save(path)
+    return path

@@ -18,13 +18,6 @@ ROOT = Path(__file__).resolve().parent.parent
 KILLS = int(os.environ.get("FAULT_KILLS", "5"))
 
 
-@pytest.fixture(scope="module")
-def tok_path(small_tokenizer, tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    small_tokenizer.save(path)
-    return path
-
-
 def train_cmd(tok_path, out_dir, *extra):
     return [sys.executable, "train.py", *small_run(tok_path, out_dir, "--micro-batch", "4", "--tokens-per-step",
                                                    "256", "--save-every", "1", *extra)]

@@ -17,13 +17,6 @@ from model import GPT
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def tok_path(small_tokenizer, tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    small_tokenizer.save(path)
-    return path
-
-
 def small_run(tok_path, out_dir, *extra):
     return ["--n-layer", "2", "--d-model", "64", "--n-head", "4", "--n-kv-head", "2", "--ffn-hidden", "128",
             "--vocab-size", "512", "--max-seq-len", "64", "--tokenizer", str(tok_path), "--dtype", "fp32",
