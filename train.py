@@ -129,7 +129,7 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
 
 
-def make_optimizer(model: GPT, args: argparse.Namespace, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: GPT, args: argparse.Namespace) -> torch.optim.AdamW:
     """AdamW; weight matrices and the (tied) embedding decay, RMSNorm gains do not."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
@@ -307,7 +307,7 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
     byte_lengths = data.token_byte_lengths(tok)
 
     raw_model = GPT(cfg).to(device)
-    opt = make_optimizer(raw_model, args, device)
+    opt = make_optimizer(raw_model, args)
     if ckpt:
         raw_model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])

@@ -84,7 +84,7 @@ def test_lr_schedule_values():
 
 def test_weight_decay_groups():
     model = GPT(get_config("tiny", n_layer=2))
-    opt = train.make_optimizer(model, argparse.Namespace(lr=1e-3, weight_decay=0.1), torch.device("cpu"))
+    opt = train.make_optimizer(model, argparse.Namespace(lr=1e-3, weight_decay=0.1))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     decayed = {id(p) for p in decay["params"]}
