@@ -155,7 +155,7 @@ def write_shards(docs: Iterable[str], tok: Tokenizer, out_prefix: Path, shard_to
             bar.update(len(batch))
             n_docs += len(batch)
     if n_docs == 0:
-        raise DataError(f"the {desc.split()[-1]} split has no non-empty documents; give a corpus with text in it "
+        raise DataError(f"the {out_prefix.name} split has no non-empty documents; give a corpus with text in it "
                         f"(and more documents than --val-docs)")
     if buffer:
         flush(buffer)

@@ -139,8 +139,6 @@ def generate_all(model: GPT, tok: Tokenizer, prompts: list[list[int]], args: arg
             token = int(next_ids[0])
             if token != tok.eos_id or args.ignore_eos:
                 stream(decoder.push(token))
-            if step == args.max_new_tokens - 1 or (token == tok.eos_id and not args.ignore_eos):
-                stream(decoder.flush())
     t0 = time.perf_counter()
     for start in range(0, len(order), args.batch_size):
         batch = order[start:start + args.batch_size]
@@ -153,6 +151,8 @@ def generate_all(model: GPT, tok: Tokenizer, prompts: list[list[int]], args: arg
             results[i] = row
         for key in totals:
             totals[key] += stats[key]
+    if on_token is not None:
+        stream(decoder.flush())  # a held-back partial character
     wall = time.perf_counter() - t0
     model.free_kv_cache()
     report = {"prefill_tokens_per_s": totals["prefill_tokens"] / max(totals["prefill_s"], 1e-9),

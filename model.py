@@ -5,7 +5,7 @@ HF state dict maps onto ours by dropping the leading "model.".
 
 Batched inference uses a preallocated KV cache and LEFT padding: row b of a batch starts with pad_lens[b]
 pad tokens, its real tokens get positions 0, 1, ... and every key slot before pad_lens[b] is masked out.
-All rows then share one write slot per step, so decode writes K/V in place with a single slice assignment.
+All rows then share one write slot per step, so decode writes K/V in place at that slot, never with torch.cat.
 """
 from __future__ import annotations
 

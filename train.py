@@ -161,7 +161,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int) -> float:
 def get_tokenizer(args, vocab_size: int, rank: int) -> Tokenizer:
     if args.tokenizer:
         return Tokenizer.load(args.tokenizer)
-    name = Path(args.data).name if args.data != "shakespeare" else "shakespeare"
+    name = Path(args.data).name  # "shakespeare", a local path or a hub name
     path = Path(args.data_dir) / f"{name}-bpe{vocab_size}.json"
     if rank == 0 and not path.exists():
         print(f"training a {vocab_size}-token BPE tokenizer on the train split -> {path}")
@@ -284,7 +284,7 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
     random.seed(args.seed)
 
     # Data: prepared shards (deterministic in step) or a stream; validation is always prepared.
-    name = "shakespeare" if args.data == "shakespeare" else Path(args.data).name
+    name = Path(args.data).name
     tokens_dir = Path(args.data_dir) / f"{name}-{data.tokenizer_hash(tok)}"
     splits = ("train", "val") if args.data_mode == "prepare" else ("val",)
     if master:
