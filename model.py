@@ -19,6 +19,10 @@ import torch.nn.functional as F
 from config import ModelConfig
 
 IGNORE_INDEX = -100  # targets with this value do not count in the loss (padding)
+# Inductor on CPU: freezing folds the weights into the graph and prepacks them for oneDNN; concat_linear fuses
+# q/k/v and gate/up into one GEMM each; emulate_precision_casts rounds bf16 where eager does, so that greedy
+# tokens stay the same as the plain path's.
+CPU_DECODE_COMPILE_OPTIONS = {"freezing": True, "cpp.enable_concat_linear": True, "emulate_precision_casts": True}
 
 
 class RMSNorm(nn.Module):
@@ -55,10 +59,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
-        self.k_cache: torch.Tensor | None = None  # (batch, n_kv_head, max_len, head_dim) once allocated
-        self.v_cache: torch.Tensor | None = None
 
-    def forward(self, x, cos, sin, mask, cache_pos: int | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache_pos: int | torch.Tensor | None, kv=None) -> torch.Tensor:
+        """kv: this layer's (k_cache, v_cache), each (batch, n_kv_head, max_len, head_dim), when caching."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -66,15 +69,15 @@ class Attention(nn.Module):
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # no-op unless autocast or a bf16 model
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if isinstance(cache_pos, torch.Tensor):  # decode_step: static shapes, the mask hides unfilled slots
-            k_all, v_all = self.k_cache[:B], self.v_cache[:B]
+            k_all, v_all = kv[0][:B], kv[1][:B]
             k_all.index_copy_(2, cache_pos, k)
             v_all.index_copy_(2, cache_pos, v)
             k, v = k_all, v_all
         elif cache_pos is not None:  # write in place, then attend over every slot filled so far
             end = cache_pos + T
-            self.k_cache[:B, :, cache_pos:end] = k
-            self.v_cache[:B, :, cache_pos:end] = v
-            k, v = self.k_cache[:B, :, :end], self.v_cache[:B, :, :end]
+            kv[0][:B, :, cache_pos:end] = k
+            kv[1][:B, :, cache_pos:end] = v
+            k, v = kv[0][:B, :, :end], kv[1][:B, :, :end]
         # Causal without a mask only when queries and keys start together; one query may see every key.
         is_causal = mask is None and T > 1 and k.size(2) == T
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
@@ -103,8 +106,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, mask, cache_pos):
-        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_pos))
+    def forward(self, x, cos, sin, mask, cache_pos, kv=None):
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_pos, kv))
         return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -121,6 +124,7 @@ class GPT(nn.Module):
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # one (k, v) per layer
         self.cache_pos: int | None = None  # next write slot of the KV cache; None = cache not in use
         self.apply(self._init_weights)
         # Residual-scaled init (GPT-2): each block adds two outputs to the residual stream.
@@ -145,24 +149,22 @@ class GPT(nn.Module):
             raise ValueError(f"KV cache length {max_len} exceeds max_seq_len {self.config.max_seq_len}")
         dtype = dtype or self.embed_tokens.weight.dtype
         device = self.embed_tokens.weight.device
-        for layer in self.layers:
-            attn = layer.self_attn
-            c = attn.k_cache
-            if c is None or c.size(0) < batch_size or c.size(2) < max_len or c.dtype != dtype or c.device != device:
-                shape = (batch_size, attn.n_kv_head, max_len, attn.head_dim)
-                attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-                attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        c = self.kv_cache[0][0] if self.kv_cache else None
+        if c is None or c.size(0) < batch_size or c.size(2) < max_len or c.dtype != dtype or c.device != device:
+            cfg = self.config
+            shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+            self.kv_cache = [(torch.zeros(shape, dtype=dtype, device=device),
+                              torch.zeros(shape, dtype=dtype, device=device)) for _ in self.layers]
         self.cache_pos = 0
 
     def reset_kv_cache(self) -> None:
         """Start a new batch of sequences; the buffers stay allocated and old slots are overwritten."""
-        if self.layers[0].self_attn.k_cache is None:
+        if self.kv_cache is None:
             raise RuntimeError("no KV cache: call setup_kv_cache(batch_size) first")
         self.cache_pos = 0
 
     def free_kv_cache(self) -> None:
-        for layer in self.layers:
-            layer.self_attn.k_cache = layer.self_attn.v_cache = None
+        self.kv_cache = None
         self.cache_pos = None
 
     # --- forward --------------------------------------------------------------------------------
@@ -183,7 +185,7 @@ class GPT(nn.Module):
         end = start + T
         if end > self.config.max_seq_len:
             raise ValueError(f"sequence length {end} exceeds max_seq_len {self.config.max_seq_len}")
-        cache = self.layers[0].self_attn.k_cache
+        cache = self.kv_cache[0][0] if use_cache else None
         if use_cache and (B > cache.size(0) or end > cache.size(2)):
             raise ValueError(f"batch {B} x length {end} does not fit the KV cache; call setup_kv_cache again")
 
@@ -204,8 +206,8 @@ class GPT(nn.Module):
 
         x = self.embed_tokens(idx)
         cache_pos = start if use_cache else None
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache_pos)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache_pos, self.kv_cache[i] if use_cache else None)
         if use_cache:
             self.cache_pos = end
         x = self.norm(x)
@@ -219,24 +221,40 @@ class GPT(nn.Module):
         return logits, None
 
     def compiled_decode_step(self):
-        """decode_step through torch.compile, made once per model; CUDA graphs replay it on GPU."""
+        """decode_step through torch.compile, made once per model: CUDA graphs replay it on GPU; on CPU,
+        Inductor freezing folds the weights into the graph as constants and prepacks them for oneDNN, which
+        is why the KV cache is an argument of decode_step and not an attribute (it would be frozen too).
+        Frozen means frozen: weights changed after the first call are not seen."""
         if getattr(self, "_compiled_decode", None) is None:
-            mode = "reduce-overhead" if self.embed_tokens.weight.is_cuda else None
-            self._compiled_decode = torch.compile(self.decode_step, mode=mode, fullgraph=True, dynamic=False)
+            if self.embed_tokens.weight.is_cuda:
+                self._compiled_decode = torch.compile(self.decode_step, mode="reduce-overhead", fullgraph=True,
+                                                      dynamic=False)
+            else:
+                import torch._inductor.config as inductor_config
+
+                compiled = torch.compile(self.decode_step, fullgraph=True, dynamic=False)
+
+                def frozen_decode_step(*args):
+                    # A config patch, not torch.compile(options=...): freezing set through options is
+                    # not seen by the compile and the step stays unfrozen (measured: 40% slower).
+                    with inductor_config.patch(CPU_DECODE_COMPILE_OPTIONS):
+                        return compiled(*args)
+                self._compiled_decode = frozen_decode_step
         return self._compiled_decode
 
-    def decode_step(self, tokens: torch.Tensor, slot: torch.Tensor, pad_lens: torch.Tensor) -> torch.Tensor:
+    def decode_step(self, tokens: torch.Tensor, slot: torch.Tensor, pad_lens: torch.Tensor,
+                    kv_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """One cached decode step with shapes that never change: tokens (B, 1), slot (1,) the cache slot to
-        write, pad_lens (B,). Attends over the whole cache buffer, masked, so that torch.compile (and CUDA
-        graphs) see one static graph for the whole generation. Returns logits (B, vocab)."""
+        write, pad_lens (B,), kv_cache = self.kv_cache. Attends over the whole cache buffer, masked, so that
+        torch.compile (and CUDA graphs) see one static graph for the whole generation. Returns (B, vocab)."""
         B = tokens.size(0)
-        keys = torch.arange(self.layers[0].self_attn.k_cache.size(2), device=tokens.device)
+        keys = torch.arange(kv_cache[0][0].size(2), device=tokens.device)
         positions = (slot - pad_lens).clamp(min=0)                                  # (B,)
         cos, sin = self.rope_cos[positions][:, None, None], self.rope_sin[positions][:, None, None]
         mask = ((keys[None] <= slot) & (keys[None] >= pad_lens[:, None]))[:, None, None]  # (B, 1, 1, S)
         x = self.embed_tokens(tokens)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, slot)
+        for layer, kv in zip(self.layers, kv_cache):
+            x = layer(x, cos, sin, mask, slot, kv)
         return self.lm_head(self.norm(x))[:, -1].view(B, -1)
 
 
@@ -313,7 +331,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
         if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
             break
         if use_cache:
-            logits = decode(next_ids[:, None], slot, row_pads)
+            logits = decode(next_ids[:, None], slot, row_pads, model.kv_cache)
             slot += 1
         else:
             idx = torch.cat([idx, next_ids[:, None]], dim=1)

@@ -168,3 +168,12 @@ def test_compiled_decode_step_gives_the_same_tokens(loaded):
     assert fast == plain
     again, _ = generate(model, prompts[:2], 16, compile=True)  # other shapes: recompiles, still right
     assert again == [generate(model, [p], 16)[0][0] for p in prompts[:2]]
+
+
+def test_compiled_decode_step_bf16_gives_the_same_tokens(ckpt_dir):
+    """bf16 weights: the frozen, prepacked oneDNN step rounds where eager does (emulate_precision_casts)."""
+    model, tok = inference.load_model(str(ckpt_dir), "cpu", "bf16")
+    prompts = [tok.encode(p) for p in PROMPTS]
+    plain, _ = generate(model, prompts, 16)
+    fast, _ = generate(model, prompts, 16, compile=True)
+    assert fast == plain

@@ -74,10 +74,10 @@ def test_kv_cache_ragged_batch_matches_full_forward(n_kv_head):
             for b, n in enumerate(lengths):
                 assert torch.allclose(logits[b, 0], reference[b][n + i], atol=1e-5, rtol=0)
         # The same cache, reset, serves a new batch without reallocation.
-        buf = m.layers[0].self_attn.k_cache
+        buf = m.kv_cache[0][0]
         m.reset_kv_cache()
         logits, _ = m(rows[1][None, :4], use_cache=True)
-        assert m.layers[0].self_attn.k_cache is buf
+        assert m.kv_cache[0][0] is buf
         assert torch.allclose(logits[0], reference[1][:4], atol=1e-5, rtol=0)
         # Chunked prefill (second chunk at an offset) uses the offset causal mask.
         logits, _ = m(rows[1][None, 4:9], use_cache=True)
@@ -87,11 +87,11 @@ def test_kv_cache_ragged_batch_matches_full_forward(n_kv_head):
 def test_kv_cache_decode_writes_in_place():
     m = GPT(small_config()).eval()
     m.setup_kv_cache(batch_size=1, max_len=16)
-    ptr = m.layers[1].self_attn.k_cache.data_ptr()
+    ptr = m.kv_cache[1][0].data_ptr()
     with torch.no_grad():
         m(torch.tensor([[1, 2, 3]]), use_cache=True)
         m(torch.tensor([[4]]), use_cache=True)
-    cache = m.layers[1].self_attn.k_cache
+    cache = m.kv_cache[1][0]
     assert cache.data_ptr() == ptr and cache.shape == (1, 2, 16, 8)
     assert cache[0, :, :4].abs().sum() > 0 and cache[0, :, 4:].abs().sum() == 0
     assert m.cache_pos == 4
