@@ -1,6 +1,11 @@
 """Side by side with the reference: our model vs transformers' LlamaForCausalLM on the same weights and inputs,
 in the same run. Writes generated_texts/bench.json and bench_*.png.
 
+"ours" is the plain path; "ours compiled" is the fast path (generate(compile=True): the frozen, prepacked
+torch.compile decode step; for training, torch.compile of the model). Compile time is left out of the rates
+(one warm-up call first) and reported apart. The machine's own matmul and memory rates are measured too,
+since they bound every figure here.
+
   python bench.py                                   # everything (needs checkpoints/smollm2-135m-instruct)
   python bench.py --only generate --batches 1 8     # a part
 """
@@ -27,13 +32,33 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def timed(fn, repeats: int = 3) -> float:
     """Median seconds of fn() after one warm-up call."""
+    return timed_with_warmup(fn, repeats)[0]
+
+
+def timed_with_warmup(fn, repeats: int = 3) -> tuple[float, float]:
+    """(median seconds of fn(), seconds of the warm-up call, which includes any compile)."""
+    t0 = time.perf_counter()
     fn()
+    warmup = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return sorted(times)[len(times) // 2], warmup
+
+
+def machine_facts() -> dict:
+    """What bounds the figures: GEMM rate per dtype and the rate of reading memory (256 MB, past any cache)."""
+    facts = {"cpu": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                          if line.startswith("model name")), "unknown"), "threads": torch.get_num_threads()}
+    for name, dtype in DTYPES.items():
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        facts[f"matmul_gflops_{name}"] = 2 * 2048 ** 3 / timed(lambda: a @ b, 5) / 1e9
+    big = torch.ones(64 * 2 ** 20)
+    facts["memory_read_gb_s"] = big.numel() * 4 / timed(big.sum, 5) / 1e9
+    print(", ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in facts.items()))
+    return facts
 
 
 def load_pair(ckpt_path: str, dtype: torch.dtype):
@@ -48,6 +73,12 @@ def load_pair(ckpt_path: str, dtype: torch.dtype):
     return ours.to(dtype), ref, tok
 
 
+def first_difference(a: list[list[int]], b: list[list[int]]) -> int | None:
+    """Index of the first generated token where two runs differ, in any row; None when they agree."""
+    diffs = [next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), None) for ra, rb in zip(a, b)]
+    return min((d for d in diffs if d is not None), default=None)
+
+
 def bench_generate(ckpt_path: str, batches: list[int], new_tokens: int, results: dict) -> None:
     for dname, dtype in DTYPES.items():
         ours, ref, tok = load_pair(ckpt_path, dtype)
@@ -55,9 +86,10 @@ def bench_generate(ckpt_path: str, batches: list[int], new_tokens: int, results:
         for batch in batches:
             prompts = [prompt] * batch
             ids = torch.tensor(prompts)
+            outputs = {}
 
-            def run_ours():
-                generate(ours, prompts, new_tokens)
+            def run_ours(compile: bool):
+                outputs[compile] = generate(ours, prompts, new_tokens, compile=compile)[0]
 
             def run_ref():
                 with torch.inference_mode():
@@ -65,13 +97,18 @@ def bench_generate(ckpt_path: str, batches: list[int], new_tokens: int, results:
                                  pad_token_id=tok.pad_id)
 
             repeats = 1 if batch >= 32 else 3
+            fast_s, compile_s = timed_with_warmup(lambda: run_ours(True), repeats)
             row = {"batch": batch, "dtype": dname,
-                   "ours_tok_s": batch * new_tokens / timed(run_ours, repeats),
-                   "ref_tok_s": batch * new_tokens / timed(run_ref, repeats)}
-            row["ratio"] = row["ours_tok_s"] / row["ref_tok_s"]
+                   "ours_tok_s": batch * new_tokens / timed(lambda: run_ours(False), repeats),
+                   "ours_compiled_tok_s": batch * new_tokens / fast_s, "compile_warmup_s": compile_s,
+                   "ref_tok_s": batch * new_tokens / timed(run_ref, repeats),
+                   "compiled_first_difference": first_difference(outputs[True], outputs[False])}
+            row["ratio"] = row["ours_compiled_tok_s"] / row["ref_tok_s"]
             results["generate"].append(row)
-            print(f"generate {dname} batch {batch:2}: ours {row['ours_tok_s']:8.1f} tok/s   "
-                  f"transformers {row['ref_tok_s']:8.1f} tok/s   x{row['ratio']:.2f}")
+            same = row["compiled_first_difference"]
+            print(f"generate {dname} batch {batch:2}: ours {row['ours_tok_s']:7.1f}  compiled "
+                  f"{row['ours_compiled_tok_s']:7.1f} tok/s  transformers {row['ref_tok_s']:7.1f}  "
+                  f"x{row['ratio']:.2f}  compiled tokens: {'same' if same is None else f'differ from {same}'}")
 
 
 def bench_prefill(ckpt_path: str, results: dict, batch: int = 8, length: int = 512) -> None:
@@ -89,17 +126,22 @@ def bench_prefill(ckpt_path: str, results: dict, batch: int = 8, length: int = 5
               f"transformers {row['ref_tok_s']:8.0f} tok/s   x{row['ratio']:.2f}")
 
 
-def train_step_rate(model: torch.nn.Module, vocab: int, batch: int, seq: int, hf: bool) -> float:
+def train_step_rate(model: torch.nn.Module, vocab: int, batch: int, seq: int, hf: bool, dtype: str,
+                    compile: bool = False) -> float:
+    """Tokens/s of whole AdamW steps (forward, backward, update) at batch x seq."""
+    torch.manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randint(0, vocab, (batch, seq))
+    forward = torch.compile(model) if compile else model
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=x, labels=x).loss if hf else model(x, x)[1]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss = forward(input_ids=x, labels=x).loss if hf else forward(x, x)[1]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    step()  # a second warm-up: the first step of a compiled model compiles forward, the second backward
     return batch * seq / timed(step)
 
 
@@ -108,17 +150,38 @@ def bench_train(results: dict, batch: int = 8, seq: int = 256) -> None:
 
     for name in ("tiny", "slm-40m"):
         cfg = get_config(name, max_seq_len=max(seq, get_config(name).max_seq_len))
-        rate = train_step_rate(GPT(cfg), cfg.vocab_size, batch, seq, hf=False)
-        results["train"].append({"config": name, "ours_tok_s": rate})
-        print(f"train {name}: ours {rate:8.0f} tok/s")
+        row = {"config": name, "dtype": "bf16",
+               "ours_tok_s": train_step_rate(GPT(cfg), cfg.vocab_size, batch, seq, False, "bf16"),
+               "ours_compiled_tok_s": train_step_rate(GPT(cfg), cfg.vocab_size, batch, seq, False, "bf16", True)}
+        results["train"].append(row)
+        print(f"train {name} bf16: ours {row['ours_tok_s']:6.0f}  compiled {row['ours_compiled_tok_s']:6.0f} tok/s")
     cfg = get_config("tiny", **LLAMA_TRAIN)
     hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
                          num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
                          num_key_value_heads=cfg.n_kv_head, max_position_embeddings=seq, tie_word_embeddings=False)
-    ours = train_step_rate(GPT(cfg), cfg.vocab_size, batch, seq, hf=False)
-    ref = train_step_rate(LlamaForCausalLM(hf_cfg), cfg.vocab_size, batch, seq, hf=True)
-    results["train"].append({"config": "llama-512x8", "ours_tok_s": ours, "ref_tok_s": ref, "ratio": ours / ref})
-    print(f"train llama-512x8: ours {ours:8.0f} tok/s   transformers {ref:8.0f} tok/s   x{ours / ref:.2f}")
+    # bf16 autocast is the issue's workload; fp32 is what train.py picks on a CPU (--dtype auto).
+    for dname in ("bf16", "fp32"):
+        row = {"config": "llama-512x8", "dtype": dname,
+               "ours_tok_s": train_step_rate(GPT(cfg), cfg.vocab_size, batch, seq, False, dname),
+               "ours_compiled_tok_s": train_step_rate(GPT(cfg), cfg.vocab_size, batch, seq, False, dname, True),
+               "ref_tok_s": train_step_rate(LlamaForCausalLM(hf_cfg), cfg.vocab_size, batch, seq, True, dname)}
+        row["ratio"] = row["ours_compiled_tok_s"] / row["ref_tok_s"]
+        results["train"].append(row)
+        print(f"train llama-512x8 {dname}: ours {row['ours_tok_s']:6.0f}  compiled {row['ours_compiled_tok_s']:6.0f}"
+              f" tok/s  transformers {row['ref_tok_s']:6.0f}  x{row['ratio']:.2f}")
+
+
+SERIES = (("ours_tok_s", "ours"), ("ours_compiled_tok_s", "ours compiled"), ("ref_tok_s", "transformers"))
+
+
+def bars(ax, rows: list[dict], labels: list[str]) -> None:
+    """Grouped bars: ours, ours compiled and transformers for each row (a missing figure: no bar)."""
+    width = 0.27
+    for i, (key, name) in enumerate(SERIES):
+        xs = [x + (i - 1) * width for x, r in enumerate(rows) if key in r]
+        ax.bar(xs, [r[key] for r in rows if key in r], width, label=name)
+    ax.set_xticks(list(range(len(rows))), labels)
+    ax.grid(alpha=0.3, axis="y")
 
 
 def plot(results: dict, out: Path) -> None:
@@ -130,26 +193,19 @@ def plot(results: dict, out: Path) -> None:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
         for ax, dname in zip(axes, DTYPES):
             rows = [r for r in results["generate"] if r["dtype"] == dname]
-            xs = range(len(rows))
-            ax.bar([x - 0.2 for x in xs], [r["ours_tok_s"] for r in rows], 0.4, label="ours")
-            ax.bar([x + 0.2 for x in xs], [r["ref_tok_s"] for r in rows], 0.4, label="transformers")
-            ax.set_xticks(list(xs), [str(r["batch"]) for r in rows])
-            ax.set(title=f"SmolLM2-135M greedy decode, {dname}", xlabel="batch size", yscale="log")
-            ax.grid(alpha=0.3, axis="y")
+            bars(ax, rows, [str(r["batch"]) for r in rows])
+            ax.set(title=f"SmolLM2-135M greedy, 128 new tokens, {dname}", xlabel="batch size", yscale="log")
         axes[0].set_ylabel("generated tokens/s")
         axes[0].legend()
         fig.tight_layout()
         fig.savefig(out / "bench_generation.png", dpi=100)
-    rows = [("prefill " + r["dtype"], r) for r in results["prefill"]] + \
-           [("train " + r["config"], r) for r in results["train"] if "ref_tok_s" in r]
+    rows = results["prefill"] + results["train"]
     if rows:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        xs = range(len(rows))
-        ax.bar([x - 0.2 for x in xs], [r["ours_tok_s"] for _, r in rows], 0.4, label="ours")
-        ax.bar([x + 0.2 for x in xs], [r["ref_tok_s"] for _, r in rows], 0.4, label="transformers")
-        ax.set_xticks(list(xs), [name for name, _ in rows])
-        ax.set(ylabel="tokens/s", title="Prefill (8x512) and training step (bf16 autocast)")
-        ax.grid(alpha=0.3, axis="y")
+        fig, ax = plt.subplots(figsize=(11, 4))
+        bars(ax, rows, [f"prefill {r['dtype']}" if "tokens" in r else f"train {r['config']}\n{r['dtype']}"
+                        for r in rows])
+        ax.set(ylabel="tokens/s", yscale="log",
+               title="Prefill 8x512 (last-position logits) and training steps (batch 8 x 256)")
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "bench_prefill_train.png", dpi=100)
@@ -168,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="generated_texts")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = {"threads": args.threads, "torch": torch.__version__, "generate": [], "prefill": [], "train": []}
+    results = {"torch": torch.__version__, "machine": machine_facts(), "generate": [], "prefill": [], "train": []}
     if "generate" in args.only:
         bench_generate(args.checkpoint, args.batches, args.new_tokens, results)
     if "prefill" in args.only:
