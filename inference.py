@@ -48,7 +48,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens (benchmarks)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence every step")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (CUDA graphs on GPU); the first batch pays the compile")
+                   help="torch.compile the decode step (frozen, prepacked weights on CPU; CUDA graphs on GPU); "
+                        "each new batch shape pays a compile of ~30-60 s")
     p.add_argument("--output", help="write results: .jsonl (prompt, completion, token ids) or .md")
     p.add_argument("--stats-json", help="write the speed report as JSON")
     p.add_argument("--benchmark", action="store_true", help="sweep batch sizes and process counts, plot")

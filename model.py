@@ -155,6 +155,10 @@ class GPT(nn.Module):
             shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
             self.kv_cache = [(torch.zeros(shape, dtype=dtype, device=device),
                               torch.zeros(shape, dtype=dtype, device=device)) for _ in self.layers]
+            if device.type == "cuda":  # CUDA graphs replay in-place writes only into inputs with fixed addresses
+                for k, v in self.kv_cache:
+                    torch._dynamo.mark_static_address(k)
+                    torch._dynamo.mark_static_address(v)
         self.cache_pos = 0
 
     def reset_kv_cache(self) -> None:
@@ -328,7 +332,10 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
         n_steps = step + 1
         if on_token is not None:
             on_token(step, next_ids)
-        if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
+        # Asking whether every row is done waits for the GPU, so there it is asked every 8th step only;
+        # rows that finished keep producing eos, which is cut off below.
+        done_check = eos_id is not None and (step % 8 == 7 or device.type != "cuda")
+        if step == max_new_tokens - 1 or (done_check and bool(finished.all())):
             break
         if use_cache:
             logits = decode(next_ids[:, None], slot, row_pads, model.kv_cache)
