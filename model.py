@@ -78,12 +78,25 @@ class Attention(nn.Module):
             kv[0][:B, :, cache_pos:end] = k
             kv[1][:B, :, cache_pos:end] = v
             k, v = kv[0][:B, :, :end], kv[1][:B, :, :end]
+        if isinstance(cache_pos, torch.Tensor):
+            return self.o_proj(self.decode_attention(q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
         # Causal without a mask only when queries and keys start together; one query may see every key.
         is_causal = mask is None and T > 1 and k.size(2) == T
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+    def decode_attention(self, q, k, v, mask):
+        """Attention of one new query per row over the cache, written out: the query heads that share a KV
+        head become rows of one matmul against it, so each cached K/V is read once, not once per query head
+        (SDPA's CPU kernel took 35% of a batch-64 step). Softmax in fp32, as in HF Llama's eager attention."""
+        B, _, T, D = q.shape
+        group = self.n_head // self.n_kv_head
+        scores = q.reshape(B, self.n_kv_head, group * T, D) @ k.transpose(-1, -2) * D ** -0.5
+        probs = scores.float().masked_fill(~mask, float("-inf")).softmax(dim=-1).to(v.dtype)
+        return (probs @ v).view(B, self.n_head, T, D)
 
 
 class MLP(nn.Module):
