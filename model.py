@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from config import ModelConfig
 
 IGNORE_INDEX = -100  # targets with this value do not count in the loss (padding)
-# Inductor on CPU: freezing folds the weights into the graph and prepacks them for oneDNN; concat_linear fuses
-# q/k/v and gate/up into one GEMM each; emulate_precision_casts rounds bf16 where eager does, so that greedy
-# tokens stay the same as the plain path's.
+# Inductor on CPU: freezing folds the weights into the graph and prepacks them (MKL for fp32, oneDNN for bf16);
+# concat_linear fuses q/k/v and gate/up into one GEMM each; emulate_precision_casts rounds bf16 where eager does,
+# so that greedy tokens stay close to the plain path's.
 CPU_DECODE_COMPILE_OPTIONS = {"freezing": True, "cpp.enable_concat_linear": True, "emulate_precision_casts": True}
 
 
@@ -72,21 +72,18 @@ class Attention(nn.Module):
             k_all, v_all = kv[0][:B], kv[1][:B]
             k_all.index_copy_(2, cache_pos, k)
             v_all.index_copy_(2, cache_pos, v)
-            k, v = k_all, v_all
-        elif cache_pos is not None:  # write in place, then attend over every slot filled so far
+            return self.o_proj(self.decode_attention(q, k_all, v_all, mask).transpose(1, 2).reshape(B, T, -1))
+        if cache_pos is not None:  # write in place, then attend over every slot filled so far
             end = cache_pos + T
             kv[0][:B, :, cache_pos:end] = k
             kv[1][:B, :, cache_pos:end] = v
             k, v = kv[0][:B, :, :end], kv[1][:B, :, :end]
-        if isinstance(cache_pos, torch.Tensor):
-            return self.o_proj(self.decode_attention(q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
         # Causal without a mask only when queries and keys start together; one query may see every key.
         is_causal = mask is None and T > 1 and k.size(2) == T
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-
 
     def decode_attention(self, q, k, v, mask):
         """Attention of one new query per row over the cache, written out: the query heads that share a KV
