@@ -30,22 +30,26 @@ LLAMA_TRAIN = dict(vocab_size=4096, n_layer=8, n_head=8, n_kv_head=4, d_model=51
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def timed(fn, repeats: int = 3) -> float:
-    """Median seconds of fn() after one warm-up call."""
-    return timed_with_warmup(fn, repeats)[0]
-
-
-def timed_with_warmup(fn, repeats: int = 3) -> tuple[float, float]:
-    """(median seconds of fn(), seconds of the warm-up call, which includes any compile)."""
-    t0 = time.perf_counter()
-    fn()
-    warmup = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
+def timed_interleaved(fns: dict, repeats: int = 3) -> tuple[dict, dict]:
+    """Median seconds per call of each fn, and the seconds of its warm-up call (which includes any compile).
+    The timed calls take turns (a, b, c, a, b, c, ...), so that a drift in the machine's speed (it is
+    shared) hits every contender alike instead of the one that happens to run last."""
+    warmups, times = {}, {name: [] for name in fns}
+    for name, fn in fns.items():
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2], warmup
+        warmups[name] = time.perf_counter() - t0
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}, warmups
+
+
+def timed(fn, repeats: int = 3) -> float:
+    """Median seconds of fn() after one warm-up call."""
+    return timed_interleaved({"fn": fn}, repeats)[0]["fn"]
 
 
 def machine_facts() -> dict:
@@ -96,12 +100,10 @@ def bench_generate(ckpt_path: str, batches: list[int], new_tokens: int, results:
                     ref.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_id)
 
-            repeats = 1 if batch >= 32 else 3
-            fast_s, compile_s = timed_with_warmup(lambda: run_ours(True), repeats)
-            row = {"batch": batch, "dtype": dname,
-                   "ours_tok_s": batch * new_tokens / timed(lambda: run_ours(False), repeats),
-                   "ours_compiled_tok_s": batch * new_tokens / fast_s, "compile_warmup_s": compile_s,
-                   "ref_tok_s": batch * new_tokens / timed(run_ref, repeats),
+            seconds, warmups = timed_interleaved({"ours": lambda: run_ours(False), "ours_compiled":
+                                                  lambda: run_ours(True), "ref": run_ref}, 2 if batch >= 32 else 3)
+            row = {"batch": batch, "dtype": dname, **{f"{k}_tok_s": batch * new_tokens / v for k, v in seconds.items()},
+                   "compile_warmup_s": warmups["ours_compiled"],
                    "compiled_first_difference": first_difference(outputs[True], outputs[False])}
             row["ratio"] = row["ours_compiled_tok_s"] / row["ref_tok_s"]
             results["generate"].append(row)
@@ -116,19 +118,19 @@ def bench_prefill(ckpt_path: str, results: dict, batch: int = 8, length: int = 5
         ours, ref, _ = load_pair(ckpt_path, dtype)
         idx = torch.randint(0, ours.config.vocab_size, (batch, length))
         with torch.inference_mode():
-            t_ours = timed(lambda: ours(idx, last_only=True))
-            t_ref = timed(lambda: ref(idx, logits_to_keep=1))
-        row = {"dtype": dname, "tokens": batch * length, "ours_tok_s": batch * length / t_ours,
-               "ref_tok_s": batch * length / t_ref}
+            seconds, _ = timed_interleaved({"ours": lambda: ours(idx, last_only=True),
+                                            "ref": lambda: ref(idx, logits_to_keep=1)})
+        row = {"dtype": dname, "tokens": batch * length, **{f"{k}_tok_s": batch * length / v
+                                                            for k, v in seconds.items()}}
         row["ratio"] = row["ours_tok_s"] / row["ref_tok_s"]
         results["prefill"].append(row)
         print(f"prefill {dname} {batch}x{length}: ours {row['ours_tok_s']:8.0f} tok/s   "
               f"transformers {row['ref_tok_s']:8.0f} tok/s   x{row['ratio']:.2f}")
 
 
-def train_step_rate(model: torch.nn.Module, vocab: int, batch: int, seq: int, hf: bool, dtype: str,
-                    compile: bool = False) -> float:
-    """Tokens/s of whole AdamW steps (forward, backward, update) at batch x seq."""
+def train_step(model: torch.nn.Module, vocab: int, batch: int, seq: int, hf: bool, dtype: str,
+               compile: bool = False):
+    """A whole AdamW step (forward, backward, update) at batch x seq, as a function to time."""
     torch.manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randint(0, vocab, (batch, seq))
@@ -142,7 +144,12 @@ def train_step_rate(model: torch.nn.Module, vocab: int, batch: int, seq: int, hf
         opt.zero_grad(set_to_none=True)
 
     step()  # a second warm-up: the first step of a compiled model compiles forward, the second backward
-    return batch * seq / timed(step)
+    return step
+
+
+def train_rates(steps: dict, tokens: int) -> dict:
+    seconds, _ = timed_interleaved(steps)
+    return {f"{name}_tok_s": tokens / s for name, s in seconds.items()}
 
 
 def bench_train(results: dict, batch: int = 8, seq: int = 256) -> None:
@@ -150,9 +157,9 @@ def bench_train(results: dict, batch: int = 8, seq: int = 256) -> None:
 
     for name in ("tiny", "slm-40m"):
         cfg = get_config(name, max_seq_len=max(seq, get_config(name).max_seq_len))
-        row = {"config": name, "dtype": "bf16",
-               "ours_tok_s": train_step_rate(GPT(cfg), cfg.vocab_size, batch, seq, False, "bf16"),
-               "ours_compiled_tok_s": train_step_rate(GPT(cfg), cfg.vocab_size, batch, seq, False, "bf16", True)}
+        row = {"config": name, "dtype": "bf16", **train_rates(
+            {"ours": train_step(GPT(cfg), cfg.vocab_size, batch, seq, False, "bf16"),
+             "ours_compiled": train_step(GPT(cfg), cfg.vocab_size, batch, seq, False, "bf16", True)}, batch * seq)}
         results["train"].append(row)
         print(f"train {name} bf16: ours {row['ours_tok_s']:6.0f}  compiled {row['ours_compiled_tok_s']:6.0f} tok/s")
     cfg = get_config("tiny", **LLAMA_TRAIN)
@@ -161,10 +168,10 @@ def bench_train(results: dict, batch: int = 8, seq: int = 256) -> None:
                          num_key_value_heads=cfg.n_kv_head, max_position_embeddings=seq, tie_word_embeddings=False)
     # bf16 autocast is the issue's workload; fp32 is what train.py picks on a CPU (--dtype auto).
     for dname in ("bf16", "fp32"):
-        row = {"config": "llama-512x8", "dtype": dname,
-               "ours_tok_s": train_step_rate(GPT(cfg), cfg.vocab_size, batch, seq, False, dname),
-               "ours_compiled_tok_s": train_step_rate(GPT(cfg), cfg.vocab_size, batch, seq, False, dname, True),
-               "ref_tok_s": train_step_rate(LlamaForCausalLM(hf_cfg), cfg.vocab_size, batch, seq, True, dname)}
+        row = {"config": "llama-512x8", "dtype": dname, **train_rates(
+            {"ours": train_step(GPT(cfg), cfg.vocab_size, batch, seq, False, dname),
+             "ours_compiled": train_step(GPT(cfg), cfg.vocab_size, batch, seq, False, dname, True),
+             "ref": train_step(LlamaForCausalLM(hf_cfg), cfg.vocab_size, batch, seq, True, dname)}, batch * seq)}
         row["ratio"] = row["ours_compiled_tok_s"] / row["ref_tok_s"]
         results["train"].append(row)
         print(f"train llama-512x8 {dname}: ours {row['ours_tok_s']:6.0f}  compiled {row['ours_compiled_tok_s']:6.0f}"
