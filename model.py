@@ -236,7 +236,7 @@ class GPT(nn.Module):
 
     def compiled_decode_step(self):
         """decode_step through torch.compile, made once per model: CUDA graphs replay it on GPU; on CPU,
-        Inductor freezing folds the weights into the graph as constants and prepacks them for oneDNN, which
+        Inductor freezing folds the weights into the graph as constants and prepacks them (MKL, oneDNN), which
         is why the KV cache is an argument of decode_step and not an attribute (it would be frozen too).
         Frozen means frozen: weights changed after the first call are not seen."""
         if getattr(self, "_compiled_decode", None) is None:
