@@ -9,6 +9,8 @@ All rows then share one write slot per step, so decode writes K/V in place at th
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import time
 
@@ -23,6 +25,88 @@ IGNORE_INDEX = -100  # targets with this value do not count in the loss (padding
 # concat_linear fuses q/k/v and gate/up into one GEMM each; emulate_precision_casts rounds bf16 where eager does,
 # so that greedy tokens stay close to the plain path's.
 CPU_DECODE_COMPILE_OPTIONS = {"freezing": True, "cpp.enable_concat_linear": True, "emulate_precision_casts": True}
+
+
+# Rows from which a bf16 GEMM pays to run in fp32 (measured on SmolLM2 decode): eager code widens the weights on
+# every call, which pays from about 128 rows; a frozen compiled step widens them once, into its constants.
+FP32_GEMM_MIN_ROWS = {"eager": 128, "compiled": 32}
+BF16_GEMMS_IN_FP32: bool | None = None  # None: measured once per process by bf16_gemms_run_in_fp32()
+
+
+def keep_freed_memory_for_reuse() -> None:
+    """glibc gives large freed blocks back to the OS, so the next activation of that size page-faults its
+    memory in again (at ~5 GB/s here). Blocks up to 32 MB (glibc's most) kept on an untrimmed heap made prefill
+    and training steps 10-15% faster on this machine, for transformers too. Only where glibc is the libc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)
+    libc.mallopt(m_trim_threshold, 1 << 30)
+
+
+keep_freed_memory_for_reuse()
+
+
+@functools.cache
+def cpu_bf16_gemm_is_slow() -> bool:
+    """Whether this CPU multiplies bf16 matrices slower than the same values held as fp32 (30% margin).
+    On CPUs with AVX512-BF16 but no AMX the bf16 dot-product instruction has half the FMA rate: this VM's
+    Xeon peaks at 76 GFLOP/s per core in bf16 and 159 in fp32, so oneDNN's bf16 GEMMs reach 150 and MKL's
+    fp32 ones 300. Where bf16 is fast (AMX, the issue's Zen 5, GPUs) the bf16 kernels are kept."""
+    a = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
+
+    def best_of_five(m: torch.Tensor) -> float:
+        m @ m
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            m @ m
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    return best_of_five(a) < 0.7 * best_of_five(a.bfloat16())
+
+
+def bf16_gemms_run_in_fp32() -> bool:
+    global BF16_GEMMS_IN_FP32
+    if BF16_GEMMS_IN_FP32 is None:
+        BF16_GEMMS_IN_FP32 = cpu_bf16_gemm_is_slow()
+    return BF16_GEMMS_IN_FP32
+
+
+class Bf16LinearInFp32(torch.autograd.Function):
+    """y = x @ w.T for bf16 x and w, computed by the fp32 GEMM: widening bf16 to fp32 is exact, so is a product
+    of two bf16 numbers in fp32, and oneDNN's bf16 kernels accumulate in fp32 too. So this is a bf16 GEMM done
+    by other kernels (as oneDNN itself does on CPUs without bf16 instructions): bf16 in, bf16 out, only the
+    summation order differs. Under autocast it takes the place of the bf16 F.linear, gradients included."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.bfloat16)
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        return F.linear(x.float(), w.float()).to(torch.bfloat16)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, w = ctx.saved_tensors
+        g = grad_y.float()
+        grad_x = (g @ w.float()).to(x.dtype)
+        grad_w = (g.flatten(0, -2).T @ x.float().flatten(0, -2)).to(w.dtype)
+        return grad_x, grad_w
+
+
+class Linear(nn.Linear):
+    """nn.Linear (no bias) whose bf16 GEMMs run as fp32 GEMMs on CPUs where those are faster (see above)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bf16 = self.weight.dtype == torch.bfloat16 or (
+            torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        min_rows = FP32_GEMM_MIN_ROWS["compiled" if torch.compiler.is_compiling() else "eager"]
+        if bf16 and x.device.type == "cpu" and x.numel() >= min_rows * x.size(-1) and bf16_gemms_run_in_fp32():
+            return Bf16LinearInFp32.apply(x, self.weight)
+        return F.linear(x, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -55,10 +139,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.dropout = cfg.dropout
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_proj = Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.v_proj = Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.o_proj = Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
 
     def forward(self, x, cos, sin, mask, cache_pos: int | torch.Tensor | None, kv=None) -> torch.Tensor:
         """kv: this layer's (k_cache, v_cache), each (batch, n_kv_head, max_len, head_dim), when caching."""
@@ -99,9 +183,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+        self.gate_proj = Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.up_proj = Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.down_proj = Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -128,13 +212,14 @@ class GPT(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # one (k, v) per layer
+        bf16_gemms_run_in_fp32()  # measured now, so that torch.compile later only reads the answer
         self.cache_pos: int | None = None  # next write slot of the KV cache; None = cache not in use
         self.apply(self._init_weights)
         # Residual-scaled init (GPT-2): each block adds two outputs to the residual stream.

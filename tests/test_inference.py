@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import inference
+import model as model_py
 from checkpoint import save_checkpoint
 from config import get_config
 from model import GPT, generate, sample_next
@@ -170,7 +171,7 @@ def test_compiled_decode_step_gives_the_same_tokens(loaded):
     assert again == [generate(model, [p], 16)[0][0] for p in prompts[:2]]
 
 
-def test_compiled_decode_step_bf16_gives_the_same_tokens(ckpt_dir):
+def test_compiled_decode_step_bf16_gives_the_same_tokens(ckpt_dir, monkeypatch):
     """bf16 weights, frozen oneDNN step vs eager. The kernels differ, so bf16 rounding can part the two at a
     near-tie (on SmolLM2 at token 12-40, see the README); this small model has margins wide enough for 16."""
     model, tok = inference.load_model(str(ckpt_dir), "cpu", "bf16")
@@ -178,3 +179,7 @@ def test_compiled_decode_step_bf16_gives_the_same_tokens(ckpt_dir):
     plain, _ = generate(model, prompts, 16)
     fast, _ = generate(model, prompts, 16, compile=True)
     assert fast == plain
+    # 32 rows: the compiled step runs its GEMMs in fp32 on CPUs with slow bf16 ones (model.Linear), eager not
+    monkeypatch.setattr(model_py, "BF16_GEMMS_IN_FP32", True)
+    wide = prompts * (32 // len(prompts) + 1)
+    assert generate(model, wide, 16, compile=True)[0] == generate(model, wide, 16)[0]

@@ -196,3 +196,76 @@ def test_overlong_sequence_is_a_clear_error():
     m = GPT(small_config(max_seq_len=8))
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         m(torch.zeros(1, 9, dtype=torch.long))
+
+
+@pytest.fixture
+def bf16_gemms_in_fp32(monkeypatch):
+    """Sets model.BF16_GEMMS_IN_FP32 (whatever this CPU measured) and restores it after the test."""
+    import model
+
+    return lambda on: monkeypatch.setattr(model, "BF16_GEMMS_IN_FP32", on)
+
+
+def test_bf16_gemm_in_fp32_is_a_bf16_gemm(bf16_gemms_in_fp32):
+    """Under bf16 autocast the fp32-kernel path and the bf16 kernel both give the exact product of the
+    bf16-rounded operands, rounded to bf16 (within one bf16 ulp, float64 reference), forward and backward."""
+    from model import Linear
+
+    torch.manual_seed(0)
+    lin = Linear(96, 80, bias=False)
+    x0, c = torch.randn(4, 32, 96), torch.randn(4, 32, 80)
+    w64, x64, c64 = (t.bfloat16().double() for t in (lin.weight.detach(), x0, c))
+    want = {"y": x64 @ w64.T, "grad_x": c64 @ w64, "grad_w": c64.flatten(0, 1).T @ x64.flatten(0, 1)}
+    for on in (False, True):
+        bf16_gemms_in_fp32(on)
+        lin.weight.grad = None
+        x = x0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = lin(x)
+        assert (type(y.grad_fn).__name__ == "Bf16LinearInFp32Backward") == on
+        (y.float() * c).sum().backward()
+        got = {"y": y, "grad_x": x.grad, "grad_w": lin.weight.grad}
+        assert y.dtype == torch.bfloat16 and lin.weight.grad.dtype == torch.float32
+        for name, value in got.items():
+            err = (value.double() - want[name]).abs()
+            assert (err <= 2 ** -8 * want[name].abs() + 1e-6).all(), (on, name, err.max())
+
+
+def test_bf16_gemm_in_fp32_only_where_it_pays(bf16_gemms_in_fp32):
+    """Few rows (weight-bound: widening the weights would cost more) and fp32 stay on the plain kernels."""
+    from model import FP32_GEMM_MIN_ROWS, Linear
+
+    bf16_gemms_in_fp32(True)
+    lin = Linear(16, 16, bias=False)
+    rows = FP32_GEMM_MIN_ROWS["eager"]
+    few, many = torch.randn(rows - 1, 16), torch.randn(rows, 16)
+    routed = lambda y: type(y.grad_fn).__name__ == "Bf16LinearInFp32Backward"  # noqa: E731
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert routed(lin(many)) and not routed(lin(few))
+    assert not routed(lin(many))
+    assert routed(lin.bfloat16()(many.bfloat16()))  # bf16 weights without autocast: inference
+
+
+def test_bf16_training_step_same_with_either_gemm(bf16_gemms_in_fp32, monkeypatch):
+    """A whole model under bf16 autocast: loss and gradients from the two GEMM paths agree to bf16 precision."""
+    import model as model_py
+
+    calls = []
+    apply = model_py.Bf16LinearInFp32.apply
+    monkeypatch.setattr(model_py.Bf16LinearInFp32, "apply", lambda *a: calls.append(1) or apply(*a))
+    torch.manual_seed(0)
+    model = GPT(small_config())
+    idx = torch.randint(0, 97, (8, 32))  # 256 rows: every GEMM takes the fp32 path
+    results = []
+    for on in (False, True):
+        bf16_gemms_in_fp32(on)
+        calls.clear()
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(idx, idx)[1]
+        loss.backward()
+        assert len(calls) == (2 * 7 + 1 if on else 0)  # 7 linears per layer, and the head
+        results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (loss_a, grad_a), (loss_b, grad_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-2)
+    assert F.cosine_similarity(grad_a, grad_b, dim=0) > 0.999
