@@ -21,7 +21,7 @@ import torch
 from checkpoint import load_checkpoint, model_from_checkpoint
 from config import ArgumentParser, get_config
 from convert import write_hf
-from model import GPT, generate
+from model import GPT, bf16_gemms_run_in_fp32, generate
 
 PROMPT_TEXT = ("The quick brown fox jumps over the lazy dog while the sun sets behind the hills and the "
                "children walk home from school, talking about")
@@ -61,6 +61,7 @@ def machine_facts() -> dict:
         facts[f"matmul_gflops_{name}"] = 2 * 2048 ** 3 / timed(lambda: a @ b, 5) / 1e9
     big = torch.ones(64 * 2 ** 20)
     facts["memory_read_gb_s"] = big.numel() * 4 / timed(big.sum, 5) / 1e9
+    facts["bf16_gemms_in_fp32"] = bf16_gemms_run_in_fp32()  # model.Linear's choice for this process
     print(", ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in facts.items()))
     return facts
 
