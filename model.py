@@ -98,15 +98,17 @@ class Bf16LinearInFp32(torch.autograd.Function):
 
 
 class Linear(nn.Linear):
-    """nn.Linear (no bias) whose bf16 GEMMs run as fp32 GEMMs on CPUs where those are faster (see above)."""
+    """nn.Linear whose bf16 GEMMs (without bias, as all of ours) run as fp32 GEMMs on CPUs where those are
+    faster (see above)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bf16 = self.weight.dtype == torch.bfloat16 or (
             torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
         min_rows = FP32_GEMM_MIN_ROWS["compiled" if torch.compiler.is_compiling() else "eager"]
-        if bf16 and x.device.type == "cpu" and x.numel() >= min_rows * x.size(-1) and bf16_gemms_run_in_fp32():
+        if (bf16 and self.bias is None and x.device.type == "cpu" and x.numel() >= min_rows * x.size(-1)
+                and bf16_gemms_run_in_fp32()):
             return Bf16LinearInFp32.apply(x, self.weight)
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -219,8 +221,8 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # one (k, v) per layer
-        bf16_gemms_run_in_fp32()  # measured now, so that torch.compile later only reads the answer
         self.cache_pos: int | None = None  # next write slot of the KV cache; None = cache not in use
+        bf16_gemms_run_in_fp32()  # measured now, so that torch.compile later only reads the answer
         self.apply(self._init_weights)
         # Residual-scaled init (GPT-2): each block adds two outputs to the residual stream.
         for name, p in self.named_parameters():
