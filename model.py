@@ -10,7 +10,6 @@ All rows then share one write slot per step, so decode writes K/V in place at th
 from __future__ import annotations
 
 import ctypes
-import functools
 import math
 import time
 
@@ -49,7 +48,6 @@ def keep_freed_memory_for_reuse() -> None:
 keep_freed_memory_for_reuse()
 
 
-@functools.cache
 def cpu_bf16_gemm_is_slow() -> bool:
     """Whether this CPU multiplies bf16 matrices slower than the same values held as fp32 (30% margin).
     On CPUs with AVX512-BF16 but no AMX the bf16 dot-product instruction has half the FMA rate: this VM's

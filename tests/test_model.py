@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import model as model_py
 from config import get_config
-from model import GPT, apply_rope, rope_tables
+from model import GPT, Linear, apply_rope, rope_tables
 
 
 def small_config(**kw):
@@ -201,16 +202,16 @@ def test_overlong_sequence_is_a_clear_error():
 @pytest.fixture
 def bf16_gemms_in_fp32(monkeypatch):
     """Sets model.BF16_GEMMS_IN_FP32 (whatever this CPU measured) and restores it after the test."""
-    import model
+    return lambda on: monkeypatch.setattr(model_py, "BF16_GEMMS_IN_FP32", on)
 
-    return lambda on: monkeypatch.setattr(model, "BF16_GEMMS_IN_FP32", on)
+
+def took_fp32_gemm(y: torch.Tensor) -> bool:
+    return type(y.grad_fn).__name__ == "Bf16LinearInFp32Backward"
 
 
 def test_bf16_gemm_in_fp32_is_a_bf16_gemm(bf16_gemms_in_fp32):
     """Under bf16 autocast the fp32-kernel path and the bf16 kernel both give the exact product of the
     bf16-rounded operands, rounded to bf16 (within one bf16 ulp, float64 reference), forward and backward."""
-    from model import Linear
-
     torch.manual_seed(0)
     lin = Linear(96, 80, bias=False)
     x0, c = torch.randn(4, 32, 96), torch.randn(4, 32, 80)
@@ -222,7 +223,7 @@ def test_bf16_gemm_in_fp32_is_a_bf16_gemm(bf16_gemms_in_fp32):
         x = x0.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = lin(x)
-        assert (type(y.grad_fn).__name__ == "Bf16LinearInFp32Backward") == on
+        assert took_fp32_gemm(y) == on
         (y.float() * c).sum().backward()
         got = {"y": y, "grad_x": x.grad, "grad_w": lin.weight.grad}
         assert y.dtype == torch.bfloat16 and lin.weight.grad.dtype == torch.float32
@@ -233,23 +234,18 @@ def test_bf16_gemm_in_fp32_is_a_bf16_gemm(bf16_gemms_in_fp32):
 
 def test_bf16_gemm_in_fp32_only_where_it_pays(bf16_gemms_in_fp32):
     """Few rows (weight-bound: widening the weights would cost more) and fp32 stay on the plain kernels."""
-    from model import FP32_GEMM_MIN_ROWS, Linear
-
     bf16_gemms_in_fp32(True)
     lin = Linear(16, 16, bias=False)
-    rows = FP32_GEMM_MIN_ROWS["eager"]
+    rows = model_py.FP32_GEMM_MIN_ROWS["eager"]
     few, many = torch.randn(rows - 1, 16), torch.randn(rows, 16)
-    routed = lambda y: type(y.grad_fn).__name__ == "Bf16LinearInFp32Backward"  # noqa: E731
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert routed(lin(many)) and not routed(lin(few))
-    assert not routed(lin(many))
-    assert routed(lin.bfloat16()(many.bfloat16()))  # bf16 weights without autocast: inference
+        assert took_fp32_gemm(lin(many)) and not took_fp32_gemm(lin(few))
+    assert not took_fp32_gemm(lin(many))
+    assert took_fp32_gemm(lin.bfloat16()(many.bfloat16()))  # bf16 weights without autocast: inference
 
 
 def test_bf16_training_step_same_with_either_gemm(bf16_gemms_in_fp32, monkeypatch):
     """A whole model under bf16 autocast: loss and gradients from the two GEMM paths agree to bf16 precision."""
-    import model as model_py
-
     calls = []
     apply = model_py.Bf16LinearInFp32.apply
     monkeypatch.setattr(model_py.Bf16LinearInFp32, "apply", lambda *a: calls.append(1) or apply(*a))
