@@ -5,15 +5,20 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BUDGET ?= 10   # minutes of training for `make train`
 DEV_STAMP := $(VENV)/.installed-dev
+LOCK := requirements.lock
+# Every install goes through the lock: exact versions of every direct and transitive dependency.
+PIP_INSTALL := $(PY) -m pip install -q -c $(LOCK)
+# The CPU kernels capped at AVX2 (no AVX-512, bf16 or AMX instructions), as on the smaller of our machines.
+AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt
+	$(PIP_INSTALL) -r requirements.txt
 	touch $@
 
-# Test-only deps: the transformers reference, gradio + playwright, and Debian's chromium for the browser test.
+# Test-only deps: the transformers and openai references, gradio + playwright, and Debian's chromium.
 $(DEV_STAMP): $(STAMP) requirements-dev.txt requirements-app.txt
-	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt -r requirements-app.txt
+	$(PIP_INSTALL) -r requirements.txt -r requirements-dev.txt -r requirements-app.txt
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 	touch $@
 
@@ -27,4 +32,15 @@ test: $(DEV_STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
-.PHONY: install train test
+test-avx2: $(DEV_STAMP)
+	$(AVX2_ENV) $(PY) -m pytest -q tests
+
+# Re-resolve every requirement set to its newest allowed versions; run `make test` after, and commit both.
+# torch keeps its plain pin (pip-compile writes the local wheel's +cpu label, which other machines lack).
+lock: $(STAMP)
+	$(PY) -m pip install -q pip-tools==7.6.2
+	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile -q --strip-extras --no-emit-find-links --no-emit-index-url --output-file $(LOCK) \
+		requirements.txt requirements-dev.txt requirements-app.txt
+	sed -i 's/^torch==.*/torch==2.13.0/' $(LOCK)
+
+.PHONY: install train test test-avx2 lock

@@ -43,9 +43,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--val-docs", type=positive(int), default=500, help="validation documents (non-Shakespeare corpora)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: train one on the train split)")
     p.add_argument("--max-steps", type=positive(int), default=None,
-                   help="optimizer steps (default: from --time-budget, else 2000)")
-    p.add_argument("--time-budget", type=positive(float), default=None, help="minutes of training")
-    p.add_argument("--more-steps", type=positive(int), default=0, help="with --resume: train N steps past the end")
+                   help="optimizer steps (default 2000, or as many as fit --time-budget)")
+    p.add_argument("--time-budget", type=positive(float), default=None,
+                   help="minutes of wall-clock training; the schedule follows the elapsed fraction of it")
+    p.add_argument("--more-steps", type=positive(int), default=0,
+                   help="with --resume: train N more steps (at the final learning rate past the schedule's end)")
     p.add_argument("--stop-at", type=positive(int), default=None,
                    help="save and exit after this step, schedule unchanged (for fixed-length job slots)")
     p.add_argument("--tokens-per-step", type=positive(int), default=None,
@@ -54,8 +56,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seq-len", type=positive(int), default=None, help="default: the model's max_seq_len")
     p.add_argument("--lr", type=positive(float), default=None, help="peak learning rate (default 5e-4; 1e-3 for tiny)")
     p.add_argument("--min-lr", type=float, default=None, help="default: lr / 10")
+    p.add_argument("--warmup-frac", type=positive(float), default=0.05, help="warmup, as a fraction of the run")
     p.add_argument("--warmup-steps", type=positive(int), default=None,
-                   help="default: 1000, or 1/20 of the run for tiny")
+                   help="warmup in steps instead of --warmup-frac (runs without --time-budget)")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
@@ -119,14 +122,16 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def lr_at(step: int, args: argparse.Namespace) -> float:
-    """Linear warmup to lr, cosine decay to min_lr at decay_steps, then min_lr (e.g. for --more-steps)."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    if step >= args.decay_steps:
+def lr_at(progress: float, args: argparse.Namespace) -> float:
+    """The learning rate of a step that ends at `progress`, the fraction of the run done (of its steps, or of
+    --time-budget's wall clock): linear warmup over warmup_frac, cosine decay to min_lr at 1, then min_lr
+    (for --more-steps)."""
+    if progress < args.warmup_frac:
+        return args.lr * progress / args.warmup_frac
+    if progress >= 1:
         return args.min_lr
-    progress = (step - args.warmup_steps) / max(1, args.decay_steps - args.warmup_steps)
-    return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
+    decay = (progress - args.warmup_frac) / (1 - args.warmup_frac)
+    return args.min_lr + 0.5 * (1 + math.cos(math.pi * decay)) * (args.lr - args.min_lr)
 
 
 def make_optimizer(model: GPT, args: argparse.Namespace) -> torch.optim.AdamW:
@@ -137,20 +142,22 @@ def make_optimizer(model: GPT, args: argparse.Namespace) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of a large matmul in the run's dtype: the denominator of MFU on this very machine."""
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, reps: int = 10) -> float:
+    """FLOP/s of a large matmul in the run's dtype: the denominator of MFU on this very machine. The best of
+    several timings after a warm-up, so that a moment when the machine is busy does not lower it."""
     n = 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
+    best = float("inf")
+    for i in range(reps + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
         a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0, reps = time.perf_counter(), 5
-    for _ in range(reps):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 2:
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int) -> float:
@@ -259,8 +266,11 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
         if changed:
             raise UsageError(f"{run_dir} was trained with another model config ({', '.join(changed)} differ); "
                              f"drop those flags to resume, or pick a new --run-name")
-        args = argparse.Namespace(**{**ckpt["train_args"], **explicit, "resume": True})
-        args.max_steps = explicit.get("max_steps", ckpt["train_args"]["max_steps"]) + args.more_steps
+        args = argparse.Namespace(**{**vars(args), **ckpt["train_args"], **explicit, "resume": True})
+        if args.more_steps:  # N steps from the checkpoint; past the schedule's end they run at min_lr
+            args.max_steps = ckpt["step"] + args.more_steps
+            args.decay_steps = args.decay_steps or ckpt["step"]  # a budget run's schedule ended at its last step
+            args.time_budget = None
         cfg = ModelConfig(**ckpt["config"])
         tok = Tokenizer.from_str(ckpt["tokenizer"])
     else:
@@ -321,14 +331,19 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     torch.set_float32_matmul_precision("high")
 
-    if args.max_steps is None:  # from the time budget, or a fixed default
-        args.max_steps = estimate_steps(model, loader, accum, autocast, device, args) if args.time_budget else 2000
-    if args.warmup_steps is None:
-        args.warmup_steps = max(1, args.max_steps // 20) if args.preset == "tiny" else 1000
+    # The schedule runs on progress, the fraction of the run done: of --time-budget's wall clock (however
+    # fast or slow the machine is meanwhile), or of the steps to decay_steps.
+    if args.time_budget and args.warmup_steps:
+        raise UsageError("--warmup-steps counts steps, which a --time-budget run cannot know ahead; "
+                         "use --warmup-frac")
+    if not args.time_budget:
+        args.max_steps = args.max_steps or 2000
+        args.decay_steps = getattr(args, "decay_steps", None) or args.max_steps
+        if args.warmup_steps:
+            args.warmup_frac = args.warmup_steps / args.decay_steps
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
-    args.decay_steps = getattr(args, "decay_steps", None) or args.max_steps
     start_step = ckpt["step"] if ckpt else 0
-    history = ckpt["history"] if ckpt else {"train": [], "val": []}
+    history = {"train": [], "val": [], "val_bpb": [], "lr": []} | (ckpt["history"] if ckpt else {})
     best_val = ckpt["best_val"] if ckpt else float("inf")
     if ckpt:
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -337,13 +352,15 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
     peak = args.peak_flops or measure_peak_flops(device, dtype)
     fpt = flops_per_token(cfg, seq_len, n_params)
     tokens_per_step = args.micro_batch * seq_len * accum * world
+    budget_s = args.time_budget * 60 if args.time_budget else None
     if master:
         print(f"model: {n_params:,} parameters  config: {cfg.to_dict()}")
+        until = f"{args.time_budget:g} min of training" if budget_s else f"step {args.max_steps}"
         print(f"train: world {world} x micro-batch {args.micro_batch} x seq {seq_len} x accum {accum} = "
-              f"{tokens_per_step:,} tokens/step, steps {start_step}->{args.max_steps}, device {device}, {args.dtype}")
+              f"{tokens_per_step:,} tokens/step, from step {start_step} to {until}, device {device}, {args.dtype}")
         print("args: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
 
-    def payload(step: int) -> dict:
+    def payload(step: int, elapsed: float) -> dict:
         data_state = None
         if args.data_mode == "stream":
             data_state = [None] * world
@@ -352,8 +369,8 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
             else:
                 data_state = [loader.state_dict()]
         return {"model": clean_state_dict(raw_model), "optimizer": opt.state_dict(), "config": cfg.to_dict(),
-                "tokenizer": tok.to_str(), "step": step, "train_args": vars(args), "data_state": data_state,
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                "tokenizer": tok.to_str(), "step": step, "elapsed_s": elapsed, "train_args": vars(args),
+                "data_state": data_state, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
                 "history": history, "best_val": best_val}
 
     stop = {"signal": None}
@@ -363,14 +380,26 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, request_stop)
-    bar = tqdm(total=args.max_steps, initial=start_step, disable=not master, unit="step", dynamic_ncols=True)
-    t_begin = t_log = time.perf_counter()
-    step = start_step
+    # A budget run's bar counts seconds of the budget; a step run's counts steps.
+    elapsed = ckpt.get("elapsed_s", 0.0) if ckpt else 0.0  # a resumed run continues its clock
+    bar = tqdm(total=round(budget_s) if budget_s else args.max_steps, initial=round(elapsed) if budget_s
+               else start_step, disable=not master, unit="s" if budget_s else "step", dynamic_ncols=True)
+    t_begin = time.perf_counter() - elapsed
+    t_log = time.perf_counter()
+    step, step_times = start_step, []  # seconds of each step (the slowest rank's), to foresee the last one
     try:  # the bar is closed on every way out, so that an error message starts on its own line
-        while step < args.max_steps:
-            lr = lr_at(step, args)
+        while args.max_steps is None or step < args.max_steps:
+            # Every rank has the same clock (reduced below), so all take the same learning rate. A budget run's
+            # last step is the first expected to end past the budget; it runs at min_lr.
+            if budget_s:
+                expected_s = sorted(step_times[-5:])[len(step_times[-5:]) // 2] if step_times else 0.0
+                progress = 1.0 if elapsed + expected_s >= budget_s else elapsed / budget_s
+            else:
+                progress = (step + 1) / args.decay_steps
+            lr = lr_at(progress, args)
             for group in opt.param_groups:
                 group["lr"] = lr
+            t_step = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             for micro in range(accum):
                 x, y = (t.to(device) for t in loader.batch(step, micro))
@@ -398,35 +427,44 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
             t_step_end = time.perf_counter()
             step += 1
             history["train"].append((step, train_loss))
-            bar.update(1)
-            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}")
+            history["lr"].append((step, lr))
+            # One collective a step: a signal on any rank, and the slowest rank's clock and step time.
+            clock = torch.tensor([float(stop["signal"] is not None), t_step_end - t_begin, t_step_end - t_step],
+                                 dtype=torch.float64, device=device)
+            if dist.is_initialized():
+                dist.all_reduce(clock, op=dist.ReduceOp.MAX)
+            interrupted, elapsed = bool(clock[0]), clock[1].item()
+            step_times.append(clock[2].item())
+            bar.update(round(elapsed) - bar.n if budget_s else 1)
+            bar.set_postfix(step=step, loss=f"{train_loss:.3f}", lr=f"{lr:.2e}")
             if step % args.log_every == 0 and master:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 now = time.perf_counter()
                 tps = tokens_per_step * args.log_every / (now - t_log)
                 t_log = now
+                if fpt * tps / world > peak:  # the start-up timing was too low (a busy moment): time it again
+                    peak = max(measure_peak_flops(device, dtype), fpt * tps / world)
+                    bar.write(f"note: this step beat the measured peak, so it was re-measured: "
+                              f"{peak / 1e9:,.0f} GFLOP/s")
                 bar.write(f"step {step}: loss {train_loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s "
-                          f"MFU {100 * fpt * tps / world / peak:.1f}%")
-            over_budget = args.time_budget and time.perf_counter() - t_begin > args.time_budget * 60
-            decision = torch.tensor([float(stop["signal"] is not None), float(bool(over_budget))])
-            if dist.is_initialized():
-                dist.all_reduce(decision)  # every rank must leave the loop at the same step
-            interrupted = bool(decision[0])
-            last = step == args.max_steps or bool(decision[1]) or step == args.stop_at
+                          f"MFU {100 * fpt * tps / world / peak:.1f}% | {step * tokens_per_step:,} tokens in "
+                          f"{elapsed / 60:.1f} min")
+            last = (budget_s and progress >= 1) or step == args.max_steps or step == args.stop_at
             if (step % args.eval_every == 0 or last) and not interrupted:
                 val_loss, bpb = evaluate(model, val_chunks, byte_lengths, args.micro_batch, autocast, rank, world,
                                          device)
                 history["val"].append((step, val_loss))
+                history["val_bpb"].append((step, bpb))
                 if master:
                     bar.write(f"step {step}: val loss {val_loss:.4f}  val bits/byte {bpb:.4f}  "
                               f"| {sample(raw_model, tok)!r}")
                     plot_losses(history, run_dir / "loss.png")
                     if val_loss < best_val:
                         best_val = val_loss
-                        save_checkpoint(run_dir / "best.ckpt", payload(step) | {"val_bpb": bpb})
+                        save_checkpoint(run_dir / "best.ckpt", payload(step, elapsed) | {"val_bpb": bpb})
             if step % args.save_every == 0 or last or interrupted:
-                ckpt_payload = payload(step)  # collective in stream mode: every rank takes part
+                ckpt_payload = payload(step, elapsed)  # collective in stream mode: every rank takes part
                 if master:
                     save_checkpoint(run_dir / "last.ckpt", ckpt_payload)
             if interrupted:
@@ -434,40 +472,21 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
                     print(f"interrupted at step {step}; saved {run_dir}/last.ckpt; continue with --resume",
                           file=sys.stderr)
                 sys.exit(130 if stop["signal"] == signal.SIGINT else 143)
-            if last and step < args.max_steps:
-                if master:
-                    bar.write(f"stopping at step {step} ({'time budget' if decision[1] else '--stop-at'}); "
-                              f"continue with --resume")
+            if last:
+                if step == args.stop_at and step != args.max_steps and master:
+                    bar.write(f"stopping at step {step} (--stop-at); continue with --resume")
                 break
             t_log += time.perf_counter() - t_step_end  # evals and saves do not count against tokens/s
     finally:
         bar.close()
     if master:
         plot_losses(history, run_dir / "loss.png")
-        last_val = history["val"][-1][1] if history["val"] else float("nan")
-        print(f"done: step {step}, val loss {last_val:.4f}, checkpoints in {run_dir}/")
+        val = f"val loss {history['val'][-1][1]:.4f}, val bits/byte {history['val_bpb'][-1][1]:.4f}, " \
+            if history["val_bpb"] else ""
+        print(f"done: {step} steps, {step * tokens_per_step:,} tokens in {elapsed / 60:.1f} min of training, "
+              f"{val}checkpoints in {run_dir}/")
     if dist.is_initialized():
         dist.barrier()
-
-
-def estimate_steps(model, loader, accum: int, autocast, device: torch.device, args) -> int:
-    """How many optimizer steps fit in --time-budget, from timing a few forward+backward micro-steps.
-    All ranks agree on the slowest rank's estimate. Gradients are discarded."""
-    times = []
-    for micro in range(4):
-        x, y = (t.to(device) for t in loader.batch(0, micro % accum))
-        t0 = time.perf_counter()
-        with autocast:
-            _, loss = model(x, y)
-        loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    model.zero_grad(set_to_none=True)
-    step_s = torch.tensor(sorted(times[1:])[1] * accum * 1.1)  # median after a warm-up; +10% for the rest
-    if dist.is_initialized():
-        dist.all_reduce(step_s, op=dist.ReduceOp.MAX)
-    return max(1, int(args.time_budget * 60 / step_s.item()))
 
 
 def sample(model: GPT, tok: Tokenizer, max_new_tokens: int = 48) -> str:

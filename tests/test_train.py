@@ -2,8 +2,10 @@
 import argparse
 import math
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,13 +75,60 @@ def test_resume_is_exact(tok_path, tmp_path):
 
 
 def test_lr_schedule_values():
-    args = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup_steps=10, decay_steps=110)
-    assert train.lr_at(0, args) == pytest.approx(1e-4)
-    assert train.lr_at(9, args) == pytest.approx(1e-3)
-    assert train.lr_at(60, args) == pytest.approx(1e-4 + 0.5 * 9e-4)
-    assert train.lr_at(110, args) == pytest.approx(1e-4)
-    assert train.lr_at(500, args) == pytest.approx(1e-4)
-    assert all(train.lr_at(s, args) >= train.lr_at(s + 1, args) for s in range(10, 120))
+    """Closed form: linear warmup over warmup_frac of the run, cosine to min_lr at its end, min_lr after."""
+    args = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup_frac=0.1)
+    assert train.lr_at(0.05, args) == pytest.approx(5e-4)
+    assert train.lr_at(0.1, args) == pytest.approx(1e-3)
+    assert train.lr_at(0.55, args) == pytest.approx(1e-4 + 0.5 * 9e-4)
+    assert train.lr_at(1.0, args) == pytest.approx(1e-4)
+    assert train.lr_at(1.7, args) == pytest.approx(1e-4)
+    after_warmup = [train.lr_at(0.1 + i / 100, args) for i in range(91)]
+    assert all(a > b for a, b in zip(after_warmup, after_warmup[1:]))
+
+
+def without(argv: list[str], flag: str) -> list[str]:
+    i = argv.index(flag)
+    return argv[:i] + argv[i + 2:]
+
+
+def test_time_budget_is_spent_even_when_the_first_steps_are_slow(tok_path, tmp_path, monkeypatch):
+    """The first 8 forward passes sleep (a test-only delay, as on a machine that is busy at start-up). A budget
+    run must still train for its whole budget, end at min_lr, and a resumed budget run continues its clock."""
+    forward, calls = GPT.forward, []
+
+    def slow_start(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) <= 8:
+            time.sleep(0.75)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", slow_start)
+    budget_s = 15
+    argv = without(small_run(tok_path, tmp_path, "--time-budget", str(budget_s / 60), "--micro-batch", "4",
+                             "--tokens-per-step", "256", "--save-every", "10"), "--warmup-steps")
+    stopped = run_in_process([*argv, "--stop-at", "20"])
+    assert stopped["step"] == 20 and stopped["elapsed_s"] > 8 * 0.75
+    t0 = time.perf_counter()
+    done = run_in_process([*argv, "--resume"])
+    resumed_s = time.perf_counter() - t0
+    assert done["elapsed_s"] == pytest.approx(budget_s, rel=0.1)
+    assert resumed_s == pytest.approx(budget_s - stopped["elapsed_s"], abs=0.1 * budget_s + 3)  # + start-up
+    lrs = [lr for _, lr in done["history"]["lr"]]
+    assert len(lrs) == done["step"] > 100
+    assert lrs[-1] == done["train_args"]["min_lr"] and max(lrs) == pytest.approx(3e-3, rel=0.05)
+    peak = lrs.index(max(lrs))
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))  # one decay, across the resume too
+
+
+def test_mfu_is_never_above_100_percent(tok_path, tmp_path, capsys):
+    """A peak that is far too low (as if timed while the machine was busy) is re-measured, and said so."""
+    argv = small_run(tok_path, tmp_path, "--max-steps", "3", "--micro-batch", "4", "--tokens-per-step", "256",
+                     "--log-every", "1")
+    run_in_process([*without(argv, "--peak-flops"), "--peak-flops", "1000"])
+    out = capsys.readouterr().out
+    mfus = [float(m) for m in re.findall(r"MFU ([\d.]+)%", out)]
+    assert len(mfus) == 3 and all(0 < m <= 100 for m in mfus), out
+    assert "re-measured" in out
 
 
 def test_weight_decay_groups():
