@@ -58,6 +58,11 @@ def gguf_field(reader, key: str, default=None):
     return default if field is None else field.contents()
 
 
+def gguf_float(reader, key: str, default: float) -> float:
+    """A float32 field as the decimal it was written from (1e-05, not 9.9999997e-06)."""
+    return float(str(np.float32(gguf_field(reader, key, default))))
+
+
 # tokenizer.ggml.pre -> how llama.cpp splits text before BPE (llama-vocab.cpp)
 DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
 GPT2_REGEX = {"gpt2", "default", "mpt", "olmo", "jais"}
@@ -125,8 +130,8 @@ def read_gguf(path: Path) -> dict:
         d_model=int(gguf_field(reader, "llama.embedding_length")),
         ffn_hidden=int(gguf_field(reader, "llama.feed_forward_length")),
         max_seq_len=int(gguf_field(reader, "llama.context_length")),
-        rope_theta=float(gguf_field(reader, "llama.rope.freq_base", 10000.0)),
-        norm_eps=float(gguf_field(reader, "llama.attention.layer_norm_rms_epsilon")),
+        rope_theta=gguf_float(reader, "llama.rope.freq_base", 10000.0),
+        norm_eps=gguf_float(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5),
         tie_embeddings="output.weight" not in tensors, init_std=0.02)
     state = {}
     for name, t in tensors.items():

@@ -451,22 +451,25 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
                           f"MFU {100 * fpt * tps / world / peak:.1f}% | {step * tokens_per_step:,} tokens in "
                           f"{elapsed / 60:.1f} min")
             last = (budget_s and progress >= 1) or step == args.max_steps or step == args.stop_at
-            if (step % args.eval_every == 0 or last) and not interrupted:
+            evaluating = (step % args.eval_every == 0 or last) and not interrupted
+            saving = step % args.save_every == 0 or last or interrupted
+            improved = False
+            if evaluating:  # every rank gets the same (all-reduced) figures
                 val_loss, bpb = evaluate(model, val_chunks, byte_lengths, args.micro_batch, autocast, rank, world,
                                          device)
                 history["val"].append((step, val_loss))
                 history["val_bpb"].append((step, bpb))
-                if master:
-                    bar.write(f"step {step}: val loss {val_loss:.4f}  val bits/byte {bpb:.4f}  "
-                              f"| {sample(raw_model, tok)!r}")
-                    plot_losses(history, run_dir / "loss.png")
-                    if val_loss < best_val:
-                        best_val = val_loss
-                        save_checkpoint(run_dir / "best.ckpt", payload(step, elapsed) | {"val_bpb": bpb})
-            if step % args.save_every == 0 or last or interrupted:
-                ckpt_payload = payload(step, elapsed)  # collective in stream mode: every rank takes part
-                if master:
-                    save_checkpoint(run_dir / "last.ckpt", ckpt_payload)
+                improved, best_val = val_loss < best_val, min(best_val, val_loss)
+            # payload() is collective in stream mode (each rank's stream position): every rank builds it once.
+            state = payload(step, elapsed) if saving or improved else None
+            if master and evaluating:
+                bar.write(f"step {step}: val loss {val_loss:.4f}  val bits/byte {bpb:.4f}  "
+                          f"| {sample(raw_model, tok)!r}")
+                plot_losses(history, run_dir / "loss.png")
+                if improved:
+                    save_checkpoint(run_dir / "best.ckpt", state | {"val_bpb": bpb})
+            if master and saving:
+                save_checkpoint(run_dir / "last.ckpt", state)
             if interrupted:
                 if master:
                     print(f"interrupted at step {step}; saved {run_dir}/last.ckpt; continue with --resume",

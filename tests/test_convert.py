@@ -5,14 +5,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.quants import dequantize, quantize
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import convert
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from config import get_config
 from model import GPT, generate
+from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,3 +136,114 @@ def test_to_hf_cli_loads_in_transformers(small_tokenizer, tmp_path):
     assert tok.encode("To be, or not", add_special_tokens=False) == small_tokenizer.encode("To be, or not")
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi"
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_key_value_heads"] == 2
+
+
+# --- GGUF files written here with the gguf package's own writer and quantizers ---------------------------
+GGUF_NAME_OF = {ours: gguf for gguf, ours in convert.GGUF_NAMES.items()}
+
+
+def gguf_name(ours: str) -> str:
+    if ours in GGUF_NAME_OF:
+        return GGUF_NAME_OF[ours]
+    _, layer, rest = ours.split(".", 2)
+    module, suffix = rest.rsplit(".", 1)
+    part = next(g for g, o in convert.GGUF_LAYER_NAMES.items() if o == module)
+    return f"blk.{layer}.{part}.{suffix}"
+
+
+def permute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation of q/k rows (HF rotate-half -> interleaved pairs)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_llama_gguf(path: Path, ckpt: dict, tok: Tokenizer, qtype: str, pre: str = "gpt2") -> dict:
+    """ckpt as a llama GGUF as llama.cpp's converter writes one: matrices in `qtype`, norms in F32. Returns the
+    weights the file holds, dequantized by the gguf package (our names, HF row order): the exact reference."""
+    cfg, kind = ckpt["config"], GGMLQuantizationType[qtype]
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(cfg["n_layer"])
+    writer.add_context_length(cfg["max_seq_len"])
+    writer.add_embedding_length(cfg["d_model"])
+    writer.add_feed_forward_length(cfg["ffn_hidden"])
+    writer.add_head_count(cfg["n_head"])
+    writer.add_head_count_kv(cfg["n_kv_head"])
+    writer.add_layer_norm_rms_eps(cfg["norm_eps"])
+    writer.add_rope_freq_base(cfg["rope_theta"])
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"] | {t["content"]: t["id"] for t in spec["added_tokens"]}
+    tokens = sorted(vocab, key=vocab.get)
+    special = {t["content"] for t in spec["added_tokens"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in special else 1 for t in tokens])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    writer.add_eos_token_id(tok.eos_id)
+    held = {}
+    for name, tensor in ckpt["model"].items():
+        if cfg["tie_embeddings"] and name == "lm_head.weight":
+            continue
+        w = tensor.numpy()
+        heads = {"q_proj": cfg["n_head"], "k_proj": cfg["n_kv_head"]}.get(name.split(".")[-2])
+        stored = permute_rope(w, heads) if heads else w
+        if w.ndim == 1 or kind == GGMLQuantizationType.F32:
+            writer.add_tensor(gguf_name(name), stored)
+            held[name] = torch.from_numpy(w.copy())
+        else:
+            packed = quantize(stored, kind)
+            writer.add_tensor(gguf_name(name), packed, raw_shape=packed.shape, raw_dtype=kind)
+            back = dequantize(packed, kind).reshape(w.shape)
+            held[name] = torch.from_numpy(convert.unpermute_rope(back, heads) if heads else back.copy())
+    if cfg["tie_embeddings"]:
+        held["lm_head.weight"] = held["embed_tokens.weight"]
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return held
+
+
+# max |logit error| / max |logit| against the original fp32 weights, per type: what each format's rounding costs
+GGUF_LOGIT_ERROR = {"F32": 0.0, "F16": 1e-3, "BF16": 1e-2, "Q8_0": 2e-2, "Q4_0": 0.25, "Q4_1": 0.25}
+
+
+@pytest.mark.parametrize("qtype", list(GGUF_LOGIT_ERROR))
+def test_gguf_types_load_as_the_gguf_package_dequantizes_them(qtype, small_tokenizer, tmp_path):
+    ckpt = ours_ckpt(shrunk(2, True), small_tokenizer)
+    held = write_llama_gguf(tmp_path / "m.gguf", ckpt, small_tokenizer, qtype)
+    read = convert.read_gguf(tmp_path / "m.gguf")
+    assert read["config"] == ckpt["config"] | {"init_std": read["config"]["init_std"]}
+    assert read["model"].keys() == held.keys()
+    for name, tensor in held.items():
+        assert torch.equal(read["model"][name], tensor), name
+    ours, _ = model_from_checkpoint(read)
+    original, _ = model_from_checkpoint(ckpt)
+    idx = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = ours(idx)[0], original(idx)[0]
+    assert (got - want).abs().max().item() <= GGUF_LOGIT_ERROR[qtype] * want.abs().max().item()
+
+
+@pytest.mark.parametrize("pre", ["gpt2", "llama3"])
+def test_gguf_pre_tokenizers_match_transformers(pre, small_tokenizer, tmp_path):
+    ckpt = ours_ckpt(shrunk(2, True), small_tokenizer)
+    write_llama_gguf(tmp_path / "m.gguf", ckpt, small_tokenizer, "F32", pre=pre)
+    ours = Tokenizer.from_str(convert.read_gguf(tmp_path / "m.gguf")["tokenizer"])
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for text in [*TOKENIZER_STRINGS, "I'm sure they'LL say 12345678 isn't 9.", "tabs\t\t and\r\n\r\nline ends  "]:
+        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), (pre, text)
+
+
+CONVERSATIONS = [[{"role": "user", "content": "What is the capital of France?"}],
+                 [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi!"},
+                  {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name a fruit.\n"}]]
+
+
+def test_chat_template_renders_as_transformers_does(smollm2):
+    """--chat goes through our apply_chat_template; transformers renders the same template from the GGUF."""
+    gguf_path, ckpt = smollm2
+    _, ours = model_from_checkpoint(ckpt)
+    theirs = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    for messages in CONVERSATIONS:
+        want = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert ours.apply_chat_template(messages) == want

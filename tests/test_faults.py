@@ -2,6 +2,7 @@
 and bounded memory. FAULT_KILLS=50 pytest tests/test_faults.py is the stress mode (README)."""
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -35,8 +36,11 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tok_path, tmp
     while True:
         attempts += 1
         assert attempts < 4 * KILLS + 10, "the run never finished"
-        proc = subprocess.Popen(train_cmd(tok_path, tmp_path / "killed", "--max-steps", steps, "--auto-resume"),
-                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        saved = load_checkpoint(ckpt_path)["step"] if ckpt_path.exists() else 0
+        log = tmp_path / f"attempt{attempts}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(train_cmd(tok_path, tmp_path / "killed", "--max-steps", steps, "--auto-resume"),
+                                    cwd=ROOT, stdout=out, stderr=subprocess.PIPE, text=True)
         if kills < KILLS:
             # Wait for this attempt to make progress, then kill it at a random moment: mid-step or mid-save.
             before = load_checkpoint(ckpt_path)["step"] if ckpt_path.exists() else 0
@@ -51,7 +55,13 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tok_path, tmp
                 kills += 1
         _, err = proc.communicate(timeout=600)
         # Whatever moment the kill hit, last.ckpt is whole and readable.
-        seen_steps.append(load_checkpoint(ckpt_path)["step"])
+        ckpt = load_checkpoint(ckpt_path)
+        seen_steps.append(ckpt["step"])
+        # Each attempt really resumed: it started at the step that was saved when it was launched...
+        started = re.search(r"from step (\d+) to", log.read_text())
+        assert started and int(started.group(1)) == saved, (saved, log.read_text()[-500:])
+        # ...and from the saved state: the loss history runs on, one entry per step, never restarting.
+        assert [s for s, _ in ckpt["history"]["train"]] == list(range(1, ckpt["step"] + 1))
         if proc.returncode == 0:
             break
         assert proc.returncode == -signal.SIGKILL, err[-2000:]
@@ -74,6 +84,15 @@ def test_sigterm_and_ctrl_c_save_before_exit(tok_path, tmp_path, sig, code):
     assert "saved" in err and "--resume" in err and "Traceback" not in err
     ckpt = load_checkpoint(tmp_path / "run" / "last.ckpt")
     assert ckpt["step"] >= 1 and len(ckpt["history"]["train"]) == ckpt["step"]
+    if sig == signal.SIGTERM:  # the saved state resumes to exactly what an uninterrupted run reaches
+        end = str(ckpt["step"] + 3)
+        resumed = subprocess.run([*cmd, "--resume", "--stop-at", end], cwd=ROOT, capture_output=True, text=True)
+        straight = subprocess.run([*train_cmd(tok_path, tmp_path / "straight", "--max-steps", "100000",
+                                              "--save-every", "100000", "--log-every", "2"), "--stop-at", end],
+                                  cwd=ROOT, capture_output=True, text=True)
+        assert resumed.returncode == straight.returncode == 0, resumed.stderr[-2000:] + straight.stderr[-2000:]
+        assert_same_run(load_checkpoint(tmp_path / "straight" / "run" / "last.ckpt"),
+                        load_checkpoint(tmp_path / "run" / "last.ckpt"), atol=0)
 
 
 def test_torchrun_elastic_restart_resumes_from_last_ckpt(tok_path, tmp_path):

@@ -1,16 +1,21 @@
 """train.py: DDP over real gloo processes vs one process, accumulation, exact resume, schedule, checkpoints."""
 import argparse
+import json
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+import data
 import train
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from config import get_config
@@ -40,18 +45,91 @@ def assert_same_run(a, b, atol=1e-6):
         assert torch.allclose(tensor, b["model"][name], atol=atol, rtol=0), name
 
 
-def test_ddp_two_gloo_ranks_equal_one_process(tok_path, tmp_path):
-    common = ["--max-steps", "3", "--micro-batch", "4", "--tokens-per-step", "512"]
-    single = run_in_process(small_run(tok_path, tmp_path / "single", *common))  # 1 rank x 2 micro-steps
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(n: int, argv: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", "29517",
-           "train.py", *small_run(tok_path, tmp_path / "ddp", *common)]       # 2 ranks x 1 micro-step
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master-port",
+           str(free_port()), "train.py", *argv]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "world 2 x micro-batch 4 x seq 64 x accum 1" in done.stdout
+    return done
+
+
+def assert_same_optimizer_state(a, b, atol):
+    state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert state_a.keys() == state_b.keys() and state_a
+    for i, moments in state_a.items():
+        for key, value in moments.items():
+            assert torch.allclose(value, state_b[i][key], atol=atol, rtol=0), (i, key)
+
+
+def test_ddp_with_accumulation_equals_one_process(tok_path, tmp_path):
+    """2 gloo ranks x 2 micro-steps (the no_sync branch runs) against 1 process x 4 micro-steps."""
+    common = ["--max-steps", "3", "--micro-batch", "2", "--tokens-per-step", "512"]
+    single = run_in_process(small_run(tok_path, tmp_path / "single", *common))
+    done = torchrun(2, small_run(tok_path, tmp_path / "ddp", *common))
+    assert "world 2 x micro-batch 2 x seq 64 x accum 2" in done.stdout
     ddp = load_checkpoint(tmp_path / "ddp" / "run" / "last.ckpt")
+    assert single["train_args"]["micro_batch"] == 2 and "accum" not in single["train_args"]
     assert_same_run(single, ddp, atol=2e-5)
+    assert_same_optimizer_state(single, ddp, atol=2e-5)
     assert single["history"]["train"][-1][1] < single["history"]["train"][0][1]
+
+
+def test_stream_mode_end_to_end_with_two_ranks_and_resume(tok_path, tmp_path):
+    """--data-mode stream over a local .jsonl through `datasets`: 2 ranks read disjoint documents, and a run
+    stopped and resumed (each rank's stream position from the checkpoint) equals one run straight through."""
+    docs = [f"Document {i}. " + "To be, or not to be, that is the question. " * (1 + i % 4) for i in range(400)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    common = ["--data", str(corpus), "--data-mode", "stream", "--val-docs", "20", "--data-dir", str(tmp_path / "d"),
+              "--max-steps", "4", "--micro-batch", "2", "--tokens-per-step", "256"]
+    torchrun(2, without(small_run(tok_path, tmp_path / "straight", *common), "--data-dir"))
+    torchrun(2, without(small_run(tok_path, tmp_path / "split", *common, "--stop-at", "2"), "--data-dir"))
+    stopped = load_checkpoint(tmp_path / "split" / "run" / "last.ckpt")
+    assert stopped["step"] == 2 and len(stopped["data_state"]) == 2
+    assert stopped["data_state"][0] != stopped["data_state"][1]
+    torchrun(2, without(small_run(tok_path, tmp_path / "split", *common, "--resume"), "--data-dir"))
+    straight = load_checkpoint(tmp_path / "straight" / "run" / "last.ckpt")
+    assert_same_run(straight, load_checkpoint(tmp_path / "split" / "run" / "last.ckpt"), atol=1e-6)
+
+
+def test_compile_trains_and_saves_plain_names(tok_path, tmp_path):
+    common = ["--max-steps", "2", "--micro-batch", "4", "--tokens-per-step", "256"]
+    eager = run_in_process(small_run(tok_path, tmp_path / "eager", *common))
+    compiled = run_in_process(small_run(tok_path, tmp_path / "compiled", *common, "--compile"))
+    assert compiled["model"].keys() == eager["model"].keys()
+    assert not any("_orig_mod" in k for k in compiled["model"])
+    assert_same_run(eager, compiled, atol=1e-4)
+
+
+def test_evaluate_bits_per_byte_against_an_independent_count(small_tokenizer, shakespeare_dir):
+    """evaluate() batches chunks and counts bytes with a per-token table. The reference scores one window at a
+    time in float64 and counts the bytes of the targets decoded back to text by the tokenizer."""
+    tok, seq = small_tokenizer, 64
+    text = (shakespeare_dir / "tempest_gut.txt").read_text()[:20000]
+    ids = np.array([tok.eos_id] + tok.encode(text), dtype=np.uint16)
+    chunks = data.Chunks([ids], seq)
+    torch.manual_seed(0)
+    model = GPT(get_config("tiny", vocab_size=512, n_layer=2, d_model=64, n_head=4, n_kv_head=2, ffn_hidden=128,
+                           max_seq_len=seq))
+    loss, bpb = train.evaluate(model, chunks, data.token_byte_lengths(tok), 8, nullcontext(), 0, 1,
+                               torch.device("cpu"))
+    nats = 0.0
+    with torch.no_grad():
+        for c in range(len(chunks)):
+            window = torch.from_numpy(ids[c * seq: (c + 1) * seq + 1].astype(np.int64))
+            log_probs = model(window[None, :-1])[0][0].double().log_softmax(-1)
+            nats -= log_probs.gather(-1, window[1:, None]).sum().item()
+    targets = ids[1: len(chunks) * seq + 1].tolist()  # the windows' targets, end to end
+    n_bytes = len(tok.hf.decode(targets, skip_special_tokens=True).encode("utf-8"))
+    assert loss == pytest.approx(nats / len(targets), rel=1e-5)
+    assert bpb == pytest.approx(nats / math.log(2) / n_bytes, rel=2e-4)
 
 
 def test_gradient_accumulation_equals_big_batch(tok_path, tmp_path):

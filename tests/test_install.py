@@ -1,0 +1,20 @@
+"""The lock file is what is installed: a fresh clone gets the versions the tests passed with."""
+import re
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_installed_versions_are_the_locked_ones():
+    locked = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", (ROOT / "requirements.lock").read_text(), re.M))
+    assert locked["torch"] == "2.13.0" and len(locked) > 50
+    wrong = {}
+    for name, want in locked.items():
+        try:
+            got = version(name)
+        except PackageNotFoundError:
+            got = None
+        if got is None or got.split("+")[0] != want:  # the CPU wheel is 2.13.0+cpu
+            wrong[name] = (want, got)
+    assert not wrong, f"installed differs from requirements.lock (want, got): {wrong}"
