@@ -21,7 +21,9 @@ import torch
 from checkpoint import load_checkpoint, model_from_checkpoint
 from config import ArgumentParser, get_config
 from convert import write_hf
-from model import GPT, bf16_gemms_run_in_fp32, generate
+from engine import generate
+from kernels import bf16_gemms_run_in_fp32
+from model import GPT
 
 PROMPT_TEXT = ("The quick brown fox jumps over the lazy dog while the sun sets behind the hills and the "
                "children walk home from school, talking about")

@@ -70,10 +70,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """The checkpoint dict. mmap=True leaves the tensors on disk until they are read (for config/tokenizer)."""
     path = resolve_checkpoint(path)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "GLOBAL" in str(e) or "Unsupported global" in str(e):  # a class or function to import and call
             raise CheckpointError(f"refusing to load {path}: it holds Python objects that could run code "
@@ -89,8 +90,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
-    """Build the model and tokenizer a checkpoint describes, checking that they fit together."""
+def config_and_tokenizer(ckpt: dict) -> tuple[ModelConfig, Tokenizer]:
+    """The model config and tokenizer a checkpoint describes, checked to fit together."""
     try:
         config = ModelConfig(**ckpt["config"])
     except (TypeError, ValueError) as e:
@@ -99,6 +100,12 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> tup
     if tok.vocab_size > config.vocab_size:
         raise CheckpointError(f"tokenizer has {tok.vocab_size} tokens but the model only {config.vocab_size}; "
                               f"use the tokenizer the model was trained with")
+    return config, tok
+
+
+def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
+    """Build the model and tokenizer a checkpoint describes, checking that they fit together."""
+    config, tok = config_and_tokenizer(ckpt)
     model = GPT(config)
     try:
         model.load_state_dict(ckpt["model"])

@@ -1,9 +1,11 @@
-"""Batched, KV-cached generation over one or more processes, with a tokens/sec report and plots.
+"""Generation from the command line, through the engine (engine.py), in one process or several.
 
   python inference.py --checkpoint checkpoints/tiny --prompt "ROMEO." --max-new-tokens 100
   python inference.py --checkpoint checkpoints/tiny --prompts-file prompts.txt --batch-size 32 --num-procs 2
   python inference.py --checkpoint checkpoints/tiny --benchmark      # plots in generated_texts/
 
+Results come out in input order as soon as they are done (a killed run keeps what it wrote). With --num-procs
+N, N worker processes pull prompts from one shared queue; the parent never loads the model.
 A prompt longer than the context window minus --max-new-tokens is an error; --truncate keeps its end instead.
 """
 from __future__ import annotations
@@ -11,17 +13,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from checkpoint import CheckpointError, config_and_tokenizer, load_checkpoint, model_from_checkpoint
 from config import ArgumentParser, exit_with_error, positive
-from model import GPT, generate
-from tokenizer import StreamDecoder, Tokenizer
+from engine import Engine, Request
+from model import GPT
+from tokenizer import Tokenizer
 
 SEED_PROMPTS = ["One day, Lily met a Shoggoth", "There was a girl called Rosy", "Once upon a time",
                 "The future of artificial intelligence", "In the distant galaxy"]
@@ -39,18 +44,21 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=positive(int), default=16)
+    p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i, whatever runs it")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not part of the output")
+    p.add_argument("--batch-size", type=positive(int), default=16, help="rows the engine generates at once")
+    p.add_argument("--batching", choices=["continuous", "static"], default="continuous",
+                   help="continuous: a finished row takes the next prompt at once; static: batch after batch")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num-procs", type=positive(int), default=1,
-                   help="worker processes (one GPU each, or a CPU thread share)")
+                   help="worker processes (one GPU each, or a CPU thread share) on one shared queue")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens (benchmarks)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence every step")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (frozen, prepacked weights on CPU; CUDA graphs on GPU); "
                         "each new batch shape pays a compile of ~30-60 s")
-    p.add_argument("--output", help="write results: .jsonl (prompt, completion, token ids) or .md")
+    p.add_argument("--output", help="write results as they finish, in input order: .jsonl or .md")
     p.add_argument("--stats-json", help="write the speed report as JSON")
     p.add_argument("--benchmark", action="store_true", help="sweep batch sizes and process counts, plot")
     p.add_argument("--bench-dir", default="generated_texts")
@@ -122,114 +130,159 @@ def load_model(checkpoint: str, device: str, dtype: str) -> tuple[GPT, Tokenizer
     return model.to(DTYPES[dtype]), tok
 
 
+def make_engine(model: GPT, tok: Tokenizer, args: argparse.Namespace, max_len: int) -> Engine:
+    return Engine(model, rows=args.batch_size, max_len=max_len, tokenizer=tok, compile=args.compile,
+                  batching=args.batching, use_cache=not args.no_kv_cache)
+
+
+def make_request(i: int, ids: list[int], args: argparse.Namespace, on_text=None) -> Request:
+    return Request(ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, seed=args.seed + i,
+                   stop=tuple(args.stop), ignore_eos=args.ignore_eos, on_text=on_text, id=i)
+
+
+class InOrder:
+    """Passes results on in input order: each as soon as it and every one before it have finished."""
+
+    def __init__(self, emit: Callable[[int, Request], None]):
+        self.emit, self.next, self.held = emit, 0, {}
+
+    def __call__(self, request: Request) -> None:
+        self.held[request.id] = request
+        while self.next in self.held:
+            self.emit(self.next, self.held.pop(self.next))
+            self.next += 1
+
+
+def speed_report(engine: Engine, requests: int, wall: float) -> dict:
+    s = engine.summary()
+    return {"prefill_tokens_per_s": s["prefill_tokens"] / max(s["prefill_s"], 1e-9),
+            "decode_tokens_per_s": s["new_tokens"] / max(s["decode_s"], 1e-9),
+            "generated_tokens_per_s": s["new_tokens"] / wall, "wall_s": wall, "batch_size": len(engine.rows),
+            "batching": engine.batching, "new_tokens": s["new_tokens"], "prefill_tokens": s["prefill_tokens"],
+            "prompts": requests, "decode_steps": s["decode_steps"], "slot_utilisation": s["slot_utilisation"]}
+
+
 def generate_all(model: GPT, tok: Tokenizer, prompts: list[list[int]], args: argparse.Namespace,
-                 generator: torch.Generator | None = None, stream=None) -> tuple[list[list[int]], dict]:
-    """Generate for any number of prompts in batches of --batch-size; results in input order.
-
-    Prompts are sorted by length first so that a batch wastes little on padding. stream(text) gets the
-    completion of a lone prompt piece by piece.
-    """
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: list[list[int] | None] = [None] * len(prompts)
-    totals = {"prefill_tokens": 0, "prefill_s": 0.0, "new_tokens": 0, "decode_s": 0.0}
-    on_token = None
-    if stream is not None and len(prompts) == 1:
-        decoder = StreamDecoder(tok)
-
-        def on_token(step, next_ids):
-            token = int(next_ids[0])
-            if token != tok.eos_id or args.ignore_eos:
-                stream(decoder.push(token))
+                 emit: Callable[[int, Request], None] | None = None,
+                 stream: Callable[[str], None] | None = None) -> tuple[list[list[int]] | None, dict]:
+    """Generate for any number of prompts on one engine of --batch-size rows. emit(i, request) gets each
+    result in input order as soon as it can; without emit the new token ids are returned, in input order.
+    stream(text) gets the completion of a lone prompt piece by piece."""
+    rows: list[list[int]] = []
+    in_order = InOrder(emit or (lambda i, request: rows.append(request.tokens)))
+    engine = make_engine(model, tok, args, max(len(p) for p in prompts) + args.max_new_tokens)
+    on_text = stream if len(prompts) == 1 else None
     t0 = time.perf_counter()
-    for start in range(0, len(order), args.batch_size):
-        batch = order[start:start + args.batch_size]
-        rows, stats = generate(model, [prompts[i] for i in batch], args.max_new_tokens,
-                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                               eos_id=None if args.ignore_eos else tok.eos_id, pad_id=tok.pad_id,
-                               generator=generator, use_cache=not args.no_kv_cache,
-                               compile=args.compile, on_token=on_token)
-        for i, row in zip(batch, rows):
-            results[i] = row
-        for key in totals:
-            totals[key] += stats[key]
-    if on_token is not None:
-        stream(decoder.flush())  # a held-back partial character
-    wall = time.perf_counter() - t0
+    for request in engine.run(make_request(i, ids, args, on_text) for i, ids in enumerate(prompts)):
+        in_order(request)
+    report = speed_report(engine, len(prompts), time.perf_counter() - t0)
     model.free_kv_cache()
-    report = {"prefill_tokens_per_s": totals["prefill_tokens"] / max(totals["prefill_s"], 1e-9),
-              "decode_tokens_per_s": totals["new_tokens"] / max(totals["decode_s"], 1e-9),
-              "generated_tokens_per_s": totals["new_tokens"] / wall, "wall_s": wall,
-              "batch_size": args.batch_size, "new_tokens": totals["new_tokens"],
-              "prefill_tokens": totals["prefill_tokens"], "prompts": len(prompts)}
-    return results, report
+    return (None if emit else rows), report
 
 
-# --- worker processes -----------------------------------------------------------------------------
-def _worker(rank: int, args: argparse.Namespace, shards: list[list[int]], prompts: list[list[int]], queue) -> None:
-    """One process: its own GPU (cuda:rank) or an equal share of the CPU threads; loads the model once."""
+# --- worker processes on one shared queue -----------------------------------------------------------
+def _worker(rank: int, args: argparse.Namespace, max_len: int, tasks, results) -> None:
+    """One process: its own GPU (cuda:rank) or an equal share of the CPU threads. It takes the next prompt
+    from the shared queue whenever one of its rows is free, so no worker idles while others have work."""
     if torch.device(args.device).type == "cuda":
         device = f"cuda:{rank % torch.cuda.device_count()}"
     else:
         device = "cpu"
         torch.set_num_threads(args.threads_per_proc)
     model, tok = load_model(args.checkpoint, device, args.dtype)
-    generator = torch.Generator(device=device).manual_seed(args.seed + rank)
-    indices = shards[rank]
-    rows, report = generate_all(model, tok, [prompts[i] for i in indices], args, generator)
-    queue.put((rank, indices, rows, report))
+    engine = make_engine(model, tok, args, max_len)
+
+    def requests():
+        while (task := tasks.get()) is not None:
+            yield make_request(*task, args)
+    t0, done = time.perf_counter(), 0
+    for request in engine.run(requests()):
+        results.put((rank, request))
+        done += 1
+    results.put((rank, speed_report(engine, done, time.perf_counter() - t0) | {"num_procs": 1}))
 
 
-def run_workers(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[list[list[int]], dict]:
-    """Shard prompts over --num-procs spawned workers; gather completions back in input order."""
+def run_workers(args: argparse.Namespace, prompts: list[list[int]],
+                emit: Callable[[int, Request], None]) -> dict:
+    """--num-procs spawned workers pull from one queue; emit(i, request) gets results in input order."""
     n = min(args.num_procs, len(prompts))
     args.threads_per_proc = max(1, torch.get_num_threads() // n)
-    shards = [list(range(len(prompts)))[r::n] for r in range(n)]
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    tasks, results = ctx.Queue(), ctx.Queue()
+    for task in enumerate(prompts):
+        tasks.put(task)
+    for _ in range(n):
+        tasks.put(None)  # one end marker per worker
     t0 = time.perf_counter()
-    procs = mp.spawn(_worker, args=(args, shards, prompts, queue), nprocs=n, join=False)
-    results: list[list[int] | None] = [None] * len(prompts)
-    workers = [None] * n
-    for _ in range(n):  # read before join: a worker blocks until its result leaves the pipe
-        rank, indices, rows, report = queue.get()
-        workers[rank] = report
-        for i, row in zip(indices, rows):
-            results[i] = row
-    procs.join()
+    max_len = max(len(p) for p in prompts) + args.max_new_tokens
+    procs = [ctx.Process(target=_worker, args=(rank, args, max_len, tasks, results), daemon=True)
+             for rank in range(n)]
+    for proc in procs:
+        proc.start()
+    in_order, workers = InOrder(emit), [None] * n
+    while None in workers:
+        try:
+            rank, item = results.get(timeout=1)
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"a worker process died (exit code {dead[0]}); run with --num-procs 1 to "
+                                   f"see its error") from None
+            continue
+        if isinstance(item, Request):
+            in_order(item)
+        else:
+            workers[rank] = item
+    for proc in procs:
+        proc.join()
     new_tokens = sum(w["new_tokens"] for w in workers)
     wall = max(w["wall_s"] for w in workers)
-    report = {"prefill_tokens_per_s": sum(w["prefill_tokens_per_s"] for w in workers),
-              "decode_tokens_per_s": sum(w["decode_tokens_per_s"] for w in workers),
-              "generated_tokens_per_s": new_tokens / wall, "wall_s": wall,
-              "wall_with_startup_s": time.perf_counter() - t0, "batch_size": args.batch_size,
-              "new_tokens": new_tokens, "prefill_tokens": sum(w["prefill_tokens"] for w in workers),
-              "prompts": len(prompts), "num_procs": n, "workers": workers}
-    return results, report
+    return {"prefill_tokens_per_s": sum(w["prefill_tokens_per_s"] for w in workers),
+            "decode_tokens_per_s": sum(w["decode_tokens_per_s"] for w in workers),
+            "generated_tokens_per_s": new_tokens / wall, "wall_s": wall,
+            "wall_with_startup_s": time.perf_counter() - t0, "batch_size": args.batch_size,
+            "batching": args.batching, "new_tokens": new_tokens,
+            "prefill_tokens": sum(w["prefill_tokens"] for w in workers), "prompts": len(prompts),
+            "num_procs": n, "workers": workers}
 
 
-def run(args: argparse.Namespace, prompts: list[list[int]], model: GPT | None = None,
-        tok: Tokenizer | None = None, stream=None) -> tuple[list[list[int]], dict]:
+def run(args: argparse.Namespace, prompts: list[list[int]], emit: Callable[[int, Request], None],
+        model: GPT | None = None, tok: Tokenizer | None = None, stream=None) -> dict:
     """Generate with --num-procs workers, or in this process (reusing `model` when given)."""
     if args.num_procs > 1:
-        return run_workers(args, prompts)
+        return run_workers(args, prompts, emit)
     if model is None:
         model, tok = load_model(args.checkpoint, args.device, args.dtype)
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    rows, report = generate_all(model, tok, prompts, args, generator, stream)
-    return rows, report | {"num_procs": 1}
+    return generate_all(model, tok, prompts, args, emit, stream)[1] | {"num_procs": 1}
 
 
-def write_output(path: Path, texts: list[str], prompts: list[list[int]], rows: list[list[int]],
-                 tok: Tokenizer) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for text, ids, row in zip(texts, prompts, rows):
-            completion = tok.decode(row)
-            if path.suffix == ".md":
-                f.write(f"### {text}\n\n```\n{text}{completion}\n```\n\n")
+class Output:
+    """Where results go, in input order, as they come: stdout, and --output (.jsonl or .md), flushed each time."""
+
+    def __init__(self, path: str | None, texts: list[str], prompts: list[list[int]], show: bool):
+        self.texts, self.prompts, self.show = texts, prompts, show
+        self.file = None
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.md = Path(path).suffix == ".md"
+            self.file = open(path, "w", encoding="utf-8")
+
+    def __call__(self, i: int, request: Request) -> None:
+        text = self.texts[i]
+        if self.show:
+            print(f"--- {text}{request.text}", flush=True)
+        if self.file is not None:
+            if self.md:
+                self.file.write(f"### {text}\n\n```\n{text}{request.text}\n```\n\n")
             else:
-                f.write(json.dumps({"prompt": text, "completion": completion, "prompt_ids": ids,
-                                    "completion_ids": row}, ensure_ascii=False) + "\n")
+                self.file.write(json.dumps({"prompt": text, "completion": request.text, "prompt_ids": self.prompts[i],
+                                            "completion_ids": request.tokens,
+                                            "finish_reason": request.finish_reason}, ensure_ascii=False) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def speed_line(report: dict) -> str:
@@ -258,7 +311,7 @@ def benchmark(args: argparse.Namespace) -> None:
         for batch in BENCH_BATCHES:
             run_args = argparse.Namespace(**{**vars(args), "batch_size": batch, "no_kv_cache": not cache,
                                              "num_procs": 1})
-            _, report = run(run_args, [base[i % len(base)] for i in range(batch)], model, tok)
+            report = run(run_args, [base[i % len(base)] for i in range(batch)], lambda i, r: None, model, tok)
             results["batch_sweep"].append(report | {"kv_cache": cache})
             print(f"kv_cache={cache!s:5} {speed_line(report)}")
     n_gpus = torch.cuda.device_count() if torch.device(args.device).type == "cuda" else 0
@@ -266,7 +319,7 @@ def benchmark(args: argparse.Namespace) -> None:
     workload = [base[i % len(base)] for i in range(64)]
     for n in sorted({1, 2, 4, 8, max_procs} & set(range(1, max_procs + 1))):
         run_args = argparse.Namespace(**{**vars(args), "num_procs": n, "no_kv_cache": False})
-        _, report = run(run_args, workload, model if n == 1 else None, tok)
+        report = run(run_args, workload, lambda i, r: None, model if n == 1 else None, tok)
         results["proc_sweep"].append(report)
         print(f"procs={n} {speed_line(report)}")
 
@@ -307,29 +360,32 @@ def main(argv: list[str] | None = None) -> None:
         if args.benchmark:
             benchmark(args)
             return
-        model, tok = load_model(args.checkpoint, args.device, args.dtype)
+        model = None
+        if args.num_procs > 1:  # the workers load the model; here only its config and tokenizer
+            config, tok = config_and_tokenizer(load_checkpoint(args.checkpoint, mmap=True))
+        else:
+            model, tok = load_model(args.checkpoint, args.device, args.dtype)
+            config = model.config
         texts = read_prompts(args)
-        prompts = encode_prompts(tok, texts, args.max_new_tokens, model.config.max_seq_len, args.chat,
-                                 args.truncate)
+        prompts = encode_prompts(tok, texts, args.max_new_tokens, config.max_seq_len, args.chat, args.truncate)
         single = len(prompts) == 1 and args.num_procs == 1
         if single:
             print(texts[0], end="", flush=True)
-        stream = (lambda piece: print(piece, end="", flush=True)) if single else None
-        rows, report = run(args, prompts, model, tok, stream)
+        output = Output(args.output, texts, prompts, show=not single and not args.output)
+        try:
+            report = run(args, prompts, output, model, tok, (lambda piece: print(piece, end="", flush=True))
+                         if single else None)
+        finally:
+            output.close()
         if single:
             print()
-        else:
-            for text, row in zip(texts, rows):
-                print(f"--- {text}{tok.decode(row)}")
         for worker in report.get("workers", []):
-            print(f"worker: {speed_line(worker | {'num_procs': 1})}")
+            print(f"worker: {speed_line(worker)}")
         print(speed_line(report))
-        if args.output:
-            write_output(Path(args.output), texts, prompts, rows, tok)
         if args.stats_json:
             Path(args.stats_json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.stats_json).write_text(json.dumps(report, indent=1))
-    except (CheckpointError, ValueError, FileNotFoundError, json.JSONDecodeError, KeyError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError, json.JSONDecodeError, KeyError, RuntimeError) as e:
         exit_with_error(e, args.debug)
 
 

@@ -99,8 +99,10 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+    def encode_batch(self, texts: list[str], batch: int = 256) -> list[list[int]]:
+        """Ids of each text, encoded in parallel `batch` at a time (an Encoding holds far more than its ids)."""
+        return [e.ids for i in range(0, len(texts), batch)
+                for e in self.hf.encode_batch(texts[i:i + batch], add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         # Keep special tokens so that decode(encode(s)) == s even when s contains "<|endoftext|>".

@@ -26,7 +26,8 @@ from tqdm import tqdm
 import data
 from checkpoint import CheckpointError, clean_state_dict, load_checkpoint, save_checkpoint
 from config import ArgumentParser, ModelConfig, add_model_args, config_from_args, exit_with_error, positive
-from model import GPT, generate
+from engine import generate
+from model import GPT
 from tokenizer import Tokenizer
 
 SAMPLE_PROMPT = "ROMEO.\n"
@@ -494,11 +495,10 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
 
 def sample(model: GPT, tok: Tokenizer, max_new_tokens: int = 48) -> str:
     prompt = tok.encode(SAMPLE_PROMPT)
-    gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(0)
     was_training = model.training
     model.eval()
     rows, _ = generate(model, [prompt], min(max_new_tokens, model.config.max_seq_len - len(prompt)),
-                       temperature=0.8, top_k=50, eos_id=tok.eos_id, generator=gen)
+                       temperature=0.8, top_k=50, eos_id=tok.eos_id, seed=0)
     model.free_kv_cache()
     model.train(was_training)
     return SAMPLE_PROMPT + tok.decode(rows[0])

@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 import convert
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from config import get_config
-from model import GPT, generate
+from engine import generate
+from model import GPT
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent

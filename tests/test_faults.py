@@ -146,8 +146,9 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     Path(MARKER).unlink()
 
 
-def test_memory_bounded_by_batch_size(small_tokenizer, tmp_path):
-    """Peak RSS for 1,000 prompts is about that for 100: batches come and go, only token ids pile up."""
+def test_memory_bounded_by_rows_not_prompts(small_tokenizer, tmp_path):
+    """10,000 prompts stream through inference.py at the peak RSS of 100: the engine takes prompts as rows
+    free up, and results go to the output file as they finish, so only prompt ids accumulate."""
     from config import get_config
     from model import GPT
 
@@ -155,19 +156,17 @@ def test_memory_bounded_by_batch_size(small_tokenizer, tmp_path):
                      max_seq_len=128)
     save_checkpoint(tmp_path / "last.ckpt", {"model": GPT(cfg).state_dict(), "config": cfg.to_dict(),
                                              "tokenizer": small_tokenizer.to_str()})
-    script = (
-        "import argparse, resource, sys, inference\n"
-        "model, tok = inference.load_model(sys.argv[1], 'cpu', 'fp32')\n"
-        "prompts = [tok.encode(f'Prompt number {i} says hello') for i in range(int(sys.argv[2]))]\n"
-        "args = argparse.Namespace(max_new_tokens=64, temperature=0.0, top_k=None, top_p=1.0, batch_size=8,\n"
-        "                          ignore_eos=True, no_kv_cache=False, compile=False)\n"
-        "rows, _ = inference.generate_all(model, tok, prompts, args)\n"
-        "assert len(rows) == int(sys.argv[2])\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    script = ("import resource, sys, inference\n"
+              "inference.main(sys.argv[1:])\n"
+              "print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
     peak = {}
-    for n in (100, 1000):
-        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "last.ckpt"), str(n)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=600)
+    for n in (100, 10_000):
+        (tmp_path / "prompts.txt").write_text("\n".join(f"Prompt number {i} says hello" for i in range(n)))
+        done = subprocess.run([sys.executable, "-c", script, "--checkpoint", str(tmp_path / "last.ckpt"),
+                               "--prompts-file", str(tmp_path / "prompts.txt"), "--max-new-tokens", "4",
+                               "--ignore-eos", "--batch-size", "64", "--output", str(tmp_path / "out.jsonl")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
+        assert (tmp_path / "out.jsonl").read_text().count("\n") == n
         peak[n] = int(done.stdout.split()[-1])  # KiB
-    assert peak[1000] - peak[100] < 20 * 1024, peak  # < 20 MiB more for 10x the prompts
+    assert peak[10_000] - peak[100] < 20 * 1024, peak  # < 20 MiB more for 100x the prompts

@@ -5,9 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model as model_py
 from config import get_config
-from model import GPT, Linear, apply_rope, rope_tables
+from model import GPT, apply_rope, rope_tables
 
 
 def small_config(**kw):
@@ -66,48 +65,43 @@ def test_causality():
 
 
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
-def test_kv_cache_ragged_batch_matches_full_forward(n_kv_head):
-    """Left-padded prefill + single-token decode == each row's own unpadded full forward."""
+def test_prefill_and_decode_steps_match_full_forward_on_ragged_rows(n_kv_head):
+    """Rows of different lengths at different positions: chunked prefill (one prompt in two chunks, the
+    others in one batch) and then decode_step over all rows at once give each row's full-forward logits."""
     torch.manual_seed(0)
-    m = GPT(small_config(n_kv_head=n_kv_head)).eval()
-    lengths, n_decode = [5, 9, 1], 7
+    m = GPT(small_config(n_kv_head=n_kv_head)).eval()  # the default init: no margins built in
+    lengths, n_decode = [5, 13, 1], 7
     rows = [torch.randint(0, 97, (n + n_decode,)) for n in lengths]
     with torch.no_grad():
         reference = [m(r[None])[0][0] for r in rows]  # (len, vocab) per row
-        width = max(lengths)
-        pad_lens = torch.tensor([width - n for n in lengths])
-        prompt = torch.stack([F.pad(r[:n], (width - n, 0), value=3) for r, n in zip(rows, lengths)])
-        m.setup_kv_cache(batch_size=3, max_len=32)
-        logits, _ = m(prompt, pad_lens=pad_lens, use_cache=True)
-        for b, n in enumerate(lengths):
-            assert torch.allclose(logits[b, width - n:], reference[b][:n], atol=1e-5, rtol=0)
-        for i in range(n_decode):
-            step = torch.stack([r[n + i] for r, n in zip(rows, lengths)])[:, None]
-            logits, _ = m(step, pad_lens=pad_lens, use_cache=True, last_only=True)
-            for b, n in enumerate(lengths):
-                assert torch.allclose(logits[b, 0], reference[b][n + i], atol=1e-5, rtol=0)
-        # The same cache, reset, serves a new batch without reallocation.
-        buf = m.kv_cache[0][0]
-        m.reset_kv_cache()
-        logits, _ = m(rows[1][None, :4], use_cache=True)
-        assert m.kv_cache[0][0] is buf
-        assert torch.allclose(logits[0], reference[1][:4], atol=1e-5, rtol=0)
-        # Chunked prefill (second chunk at an offset) uses the offset causal mask.
-        logits, _ = m(rows[1][None, 4:9], use_cache=True)
-        assert torch.allclose(logits[0], reference[1][4:9], atol=1e-5, rtol=0)
+        m.setup_kv_cache(rows=4, length=32)  # one more row than used: it must not disturb the others
+        first = m.prefill([rows[1][:6].tolist()], [2], [0])
+        assert torch.allclose(first[0], reference[1][5], atol=1e-5, rtol=0)
+        logits = m.prefill([rows[0][:5].tolist(), rows[1][6:13].tolist(), rows[2][:1].tolist()], [0, 2, 3],
+                           [0, 6, 0])
+        for b, i in enumerate([0, 1, 2]):
+            assert torch.allclose(logits[b], reference[i][lengths[i] - 1], atol=1e-5, rtol=0)
+        cache_rows = [0, 2, 3]  # row i of the batch lives in cache row cache_rows[i]; cache row 1 is idle
+        for step in range(n_decode):
+            tokens, positions = torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long)
+            for i, row in enumerate(cache_rows):
+                tokens[row], positions[row] = rows[i][lengths[i] + step], lengths[i] + step
+            logits = m.decode_step(tokens, positions, m.kv_cache)
+            for i, row in enumerate(cache_rows):
+                assert torch.allclose(logits[row], reference[i][lengths[i] + step], atol=1e-5, rtol=0), (step, i)
 
 
-def test_kv_cache_decode_writes_in_place():
+def test_decode_step_writes_each_row_in_place_at_its_slot():
     m = GPT(small_config()).eval()
-    m.setup_kv_cache(batch_size=1, max_len=16)
+    m.setup_kv_cache(rows=2, length=16)
     ptr = m.kv_cache[1][0].data_ptr()
     with torch.no_grad():
-        m(torch.tensor([[1, 2, 3]]), use_cache=True)
-        m(torch.tensor([[4]]), use_cache=True)
+        m.prefill([[1, 2, 3], [4]], [0, 1], [0, 0])
+        m.decode_step(torch.tensor([5, 6]), torch.tensor([3, 1]), m.kv_cache)
     cache = m.kv_cache[1][0]
-    assert cache.data_ptr() == ptr and cache.shape == (1, 2, 16, 8)
+    assert cache.data_ptr() == ptr and cache.shape == (2, 2, 16, 8)
     assert cache[0, :, :4].abs().sum() > 0 and cache[0, :, 4:].abs().sum() == 0
-    assert m.cache_pos == 4
+    assert cache[1, :, :2].abs().sum() > 0 and cache[1, :, 2:].abs().sum() == 0
 
 
 def slow_attention(x, attn, cos, sin):
@@ -209,71 +203,3 @@ def test_overlong_sequence_is_a_clear_error():
     m = GPT(small_config(max_seq_len=8))
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         m(torch.zeros(1, 9, dtype=torch.long))
-
-
-@pytest.fixture
-def bf16_gemms_in_fp32(monkeypatch):
-    """Sets model.BF16_GEMMS_IN_FP32 (whatever this CPU measured) and restores it after the test."""
-    return lambda on: monkeypatch.setattr(model_py, "BF16_GEMMS_IN_FP32", on)
-
-
-def took_fp32_gemm(y: torch.Tensor) -> bool:
-    return type(y.grad_fn).__name__ == "Bf16LinearInFp32Backward"
-
-
-def test_bf16_gemm_in_fp32_is_a_bf16_gemm(bf16_gemms_in_fp32):
-    """Under bf16 autocast the fp32-kernel path and the bf16 kernel both give the exact product of the
-    bf16-rounded operands, rounded to bf16 (within one bf16 ulp, float64 reference), forward and backward."""
-    torch.manual_seed(0)
-    lin = Linear(96, 80, bias=False)
-    x0, c = torch.randn(4, 32, 96), torch.randn(4, 32, 80)
-    w64, x64, c64 = (t.bfloat16().double() for t in (lin.weight.detach(), x0, c))
-    want = {"y": x64 @ w64.T, "grad_x": c64 @ w64, "grad_w": c64.flatten(0, 1).T @ x64.flatten(0, 1)}
-    for on in (False, True):
-        bf16_gemms_in_fp32(on)
-        lin.weight.grad = None
-        x = x0.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = lin(x)
-        assert took_fp32_gemm(y) == on
-        (y.float() * c).sum().backward()
-        got = {"y": y, "grad_x": x.grad, "grad_w": lin.weight.grad}
-        assert y.dtype == torch.bfloat16 and lin.weight.grad.dtype == torch.float32
-        for name, value in got.items():
-            err = (value.double() - want[name]).abs()
-            assert (err <= 2 ** -8 * want[name].abs() + 1e-6).all(), (on, name, err.max())
-
-
-def test_bf16_gemm_in_fp32_only_where_it_pays(bf16_gemms_in_fp32):
-    """Few rows (weight-bound: widening the weights would cost more) and fp32 stay on the plain kernels."""
-    bf16_gemms_in_fp32(True)
-    lin = Linear(16, 16, bias=False)
-    rows = model_py.FP32_GEMM_MIN_ROWS["eager"]
-    few, many = torch.randn(rows - 1, 16), torch.randn(rows, 16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert took_fp32_gemm(lin(many)) and not took_fp32_gemm(lin(few))
-    assert not took_fp32_gemm(lin(many))
-    assert took_fp32_gemm(lin.bfloat16()(many.bfloat16()))  # bf16 weights without autocast: inference
-
-
-def test_bf16_training_step_same_with_either_gemm(bf16_gemms_in_fp32, monkeypatch):
-    """A whole model under bf16 autocast: loss and gradients from the two GEMM paths agree to bf16 precision."""
-    calls = []
-    apply = model_py.Bf16LinearInFp32.apply
-    monkeypatch.setattr(model_py.Bf16LinearInFp32, "apply", lambda *a: calls.append(1) or apply(*a))
-    torch.manual_seed(0)
-    model = GPT(small_config())
-    idx = torch.randint(0, 97, (8, 32))  # 256 rows: every GEMM takes the fp32 path
-    results = []
-    for on in (False, True):
-        bf16_gemms_in_fp32(on)
-        calls.clear()
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(idx, idx)[1]
-        loss.backward()
-        assert len(calls) == (2 * 7 + 1 if on else 0)  # 7 linears per layer, and the head
-        results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])))
-    (loss_a, grad_a), (loss_b, grad_b) = results
-    assert loss_a == pytest.approx(loss_b, rel=1e-2)
-    assert F.cosine_similarity(grad_a, grad_b, dim=0) > 0.999

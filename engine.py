@@ -1,0 +1,356 @@
+"""Generation: one engine with continuous batching, used by every script (inference, serve, app, bench, train).
+
+The engine owns `rows` rows of the model's KV cache. Every step it
+  1. admits waiting requests into free rows (with --batching static: only once every row is free),
+  2. prefills their prompts, a chunk of at most `prefill_tokens` tokens per step in all, so that a long prompt
+     does not stall the rows that are generating,
+  3. runs one decode step over all rows at once (static shapes, so torch.compile and CUDA graphs apply),
+  4. retires rows that hit end-of-text, a stop string or max_new_tokens, which frees them for step 1.
+Each request has its own sampling settings and random generator, so what it generates does not depend on
+what else is in the batch, or on when it was admitted.
+
+  rows, stats = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=20)      # a list of prompts
+  engine = Engine(model, rows=32, max_len=512, tokenizer=tok)                 # or requests as they come
+  for request in engine.run(Request(ids, 64) for ids in prompts): ...
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels import compile_decode_step
+from model import GPT
+from tokenizer import StreamDecoder, Tokenizer
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> next ids (B,). temperature 0 is greedy; top-p keeps the smallest set of most
+    likely tokens whose probability mass reaches p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # drop a token once the ones before it reach p
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class Request:
+    """One prompt to complete, with its own settings. The engine fills in the fields below the line."""
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    seed: int | None = None                # its own generator; None draws from torch's global one
+    stop: tuple[str, ...] = ()             # stop strings (need the engine's tokenizer); not part of the text
+    ignore_eos: bool = False
+    on_text: Callable[[str], None] | None = None  # streamed text pieces, whole characters, stop strings held back
+    on_done: Callable[[Request], None] | None = None  # called by EngineThread when it finishes
+    id: object = None                      # the caller's own handle
+    cancelled: bool = False                # set from any thread: the row is freed at the next step
+    # ---
+    tokens: list[int] = field(default_factory=list)  # generated ids (end-of-text not included)
+    text: str = ""                         # the completion's text, cut before a stop string
+    finish_reason: str | None = None       # "stop" (end-of-text or a stop string), "length", "cancelled", "error"
+    error: str | None = None               # what failed, with finish_reason "error"
+    submitted: float = 0.0                 # time.perf_counter() when added, at its first token, when finished
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+
+class Row:
+    """A request in a cache row: how much of its prompt is in the cache, and the token waiting to go in."""
+
+    def __init__(self, request: Request, tok: Tokenizer | None, device: torch.device):
+        self.request, self.filled, self.next_token = request, 0, None
+        self.generator = None if request.seed is None else torch.Generator(device).manual_seed(request.seed)
+        self.decoder = StreamDecoder(tok) if tok is not None else None
+        self.text, self.sent = "", 0  # decoded so far; how much of it on_text has had
+
+    @property
+    def position(self) -> int:  # the cache slot of next_token
+        return len(self.request.prompt) + len(self.request.tokens) - 1
+
+
+class Engine:
+    def __init__(self, model: GPT, *, rows: int, max_len: int, tokenizer: Tokenizer | None = None,
+                 eos_id: int | None = None, compile: bool = False, batching: str = "continuous",
+                 prefill_tokens: int = 256, use_cache: bool = True):
+        """rows: sequences generated at once. max_len: the longest prompt + new tokens of any request.
+        use_cache=False recomputes every sequence whole at every step (for comparison only)."""
+        if batching not in ("continuous", "static"):
+            raise ValueError(f"batching must be 'continuous' or 'static', not {batching!r}")
+        self.model, self.tok, self.batching, self.use_cache = model, tokenizer, batching, use_cache
+        self.eos_id = tokenizer.eos_id if eos_id is None and tokenizer is not None else eos_id
+        self.device = model.embed_tokens.weight.device
+        self.max_len, self.prefill_tokens = max_len, prefill_tokens
+        self.rows: list[Row | None] = [None] * rows
+        if use_cache:
+            model.setup_kv_cache(rows, max_len)
+        self.decode = compile_decode_step(model) if compile and use_cache else model.decode_step
+        self.compiled = compile and use_cache
+        self.waiting: deque[Request] = deque()
+        self.lock = threading.Lock()  # add() may come from other threads
+        self.stats = {"prefill_tokens": 0, "prefill_s": 0.0, "new_tokens": 0, "decode_s": 0.0, "steps": 0,
+                      "decode_steps": 0, "decoded_row_steps": 0}
+
+    # --- the public surface ------------------------------------------------------------------------
+    def add(self, request: Request) -> Request:
+        """Queue a request (any thread). A prompt that cannot fit is refused here, with the reason."""
+        if not request.prompt:
+            raise ValueError("every prompt needs at least one token")
+        if request.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1 (got {request.max_new_tokens})")
+        if len(request.prompt) + request.max_new_tokens > self.max_len:
+            raise ValueError(f"prompt ({len(request.prompt)} tokens) + max_new_tokens ({request.max_new_tokens}) "
+                             f"exceeds the engine's {self.max_len}-token rows")
+        if request.stop and self.tok is None:
+            raise ValueError("stop strings need the engine's tokenizer")
+        request.submitted = time.perf_counter()
+        with self.lock:
+            self.waiting.append(request)
+        return request
+
+    def active(self) -> int:
+        return sum(row is not None for row in self.rows)
+
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or self.active() > 0
+
+    @torch.inference_mode()
+    def step(self) -> list[Request]:
+        """One scheduler iteration; returns the requests that finished in it."""
+        finished: list[Request] = []
+        for i, row in enumerate(self.rows):
+            if row is not None and row.request.cancelled:
+                self._finish(i, "cancelled", finished)
+        self._admit(finished)
+        self._prefill(finished)
+        if any(row is not None and row.next_token is not None for row in self.rows):
+            self._decode(finished)
+        self.stats["steps"] += 1
+        return finished
+
+    def run(self, requests: Iterable[Request]) -> Iterator[Request]:
+        """Generate for requests as they come, pulling the next ones only as rows free up (so an endless
+        stream runs in bounded memory). Yields each request when it finishes, in finishing order."""
+        pending = iter(requests)
+        exhausted = False
+        while True:
+            while not exhausted and self.queued() < self.rows.count(None):
+                request = next(pending, None)
+                if request is None:
+                    exhausted = True
+                else:
+                    self.add(request)
+            if not self.has_work():
+                return
+            yield from self.step()
+
+    def abort(self, error: str) -> list[Request]:
+        """Fail every request in a row (after a step raised), freeing the rows; queued ones stay queued."""
+        finished: list[Request] = []
+        for i, row in enumerate(self.rows):
+            if row is not None:
+                row.request.error = error
+                self._finish(i, "error", finished)
+        return finished
+
+    def summary(self) -> dict:
+        """The stats, with the rates and the slot utilisation (generated tokens / (decode steps x rows))."""
+        s = dict(self.stats)
+        s["slot_utilisation"] = s["decoded_row_steps"] / max(1, s["decode_steps"] * len(self.rows))
+        return s
+
+    # --- the scheduler -------------------------------------------------------------------------------
+    def _admit(self, finished: list[Request]) -> None:
+        free = [i for i, row in enumerate(self.rows) if row is None]
+        if self.batching == "static" and len(free) < len(self.rows):
+            return  # a static batch admits only when every row of the last one is done
+        with self.lock:
+            while free and self.waiting:
+                self.rows[free[-1]] = Row(self.waiting.popleft(), self.tok, self.device)
+                if self.rows[free[-1]].request.cancelled:  # given up while it waited
+                    self._finish(free[-1], "cancelled", finished)
+                else:
+                    free.pop()
+
+    def _prefill(self, finished: list[Request]) -> None:
+        """The next chunk of every prompt still going in, at most prefill_tokens in all (at least one chunk)."""
+        chunks, budget = [], self.prefill_tokens
+        for i, row in enumerate(self.rows):
+            if row is not None and row.filled < len(row.request.prompt) and (budget > 0 or not chunks):
+                take = len(row.request.prompt) - row.filled if not self.use_cache else \
+                    min(len(row.request.prompt) - row.filled, max(budget, 1))
+                chunks.append((i, row.filled, row.request.prompt[row.filled:row.filled + take]))
+                budget -= take
+        if not chunks:
+            return
+        t0 = time.perf_counter()
+        if self.use_cache:
+            logits = self.model.prefill([c for _, _, c in chunks], [i for i, _, _ in chunks],
+                                        [s for _, s, _ in chunks])
+        else:
+            logits = self._logits_without_cache([self.rows[i].request.prompt for i, _, _ in chunks])
+        done = []
+        for b, (i, start, chunk) in enumerate(chunks):
+            self.rows[i].filled = start + len(chunk)
+            if self.rows[i].filled == len(self.rows[i].request.prompt):
+                done.append(b)
+        tokens = self._sample([chunks[b][0] for b in done], logits[done]) if done else []
+        self.stats["prefill_s"] += time.perf_counter() - t0
+        self.stats["prefill_tokens"] += sum(len(c) for _, _, c in chunks)
+        for b, token in zip(done, tokens):
+            self._take(chunks[b][0], token, finished)
+
+    def _decode(self, finished: list[Request]) -> None:
+        """One token for every row that has one waiting. Rows that do not take part write a slot that is
+        written again before it is read: a free row its slot 0, a prompt still going in its next slot."""
+        t0 = time.perf_counter()
+        live = [i for i, row in enumerate(self.rows) if row is not None and row.next_token is not None]
+        if self.use_cache:
+            tokens = [row.next_token if row is not None and row.next_token is not None else 0 for row in self.rows]
+            positions = [0 if row is None else row.position if row.next_token is not None else row.filled
+                         for row in self.rows]
+            length = self.max_len if self.compiled else min(self.max_len, -(-(max(positions) + 1) // 64) * 64)
+            kv = [(k[:, :, :length], v[:, :, :length]) for k, v in self.model.kv_cache]  # one graph per length
+            logits = self.decode(torch.tensor(tokens, device=self.device),
+                                 torch.tensor(positions, device=self.device), kv)
+        else:
+            logits = torch.zeros(len(self.rows), self.model.config.vocab_size, device=self.device)
+            logits[live] = self._logits_without_cache([self.rows[i].request.prompt + self.rows[i].request.tokens
+                                                       for i in live])
+        tokens = self._sample(live, logits[live])
+        self.stats["decode_s"] += time.perf_counter() - t0
+        self.stats["decode_steps"] += 1
+        self.stats["decoded_row_steps"] += len(live)
+        for i, token in zip(live, tokens):
+            self._take(i, token, finished)
+
+    def _logits_without_cache(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Next-token logits of whole sequences, recomputed from scratch (right padding is causal-safe)."""
+        width = max(len(s) for s in sequences)
+        idx = torch.tensor([s + [0] * (width - len(s)) for s in sequences], device=self.device)
+        logits, _ = self.model(idx)
+        return logits[torch.arange(len(sequences)), torch.tensor([len(s) - 1 for s in sequences])]
+
+    def _sample(self, indices: list[int], logits: torch.Tensor) -> list[int]:
+        """Next token of each of these rows (logits (n, vocab)): the greedy ones from one argmax, the others
+        each with its own settings and generator. Reading them back waits for the device."""
+        greedy = logits.argmax(dim=-1).tolist()
+        tokens = []
+        for b, i in enumerate(indices):
+            r, generator = self.rows[i].request, self.rows[i].generator
+            tokens.append(greedy[b] if r.temperature == 0 else
+                          int(sample_next(logits[b:b + 1], r.temperature, r.top_k, r.top_p, generator)[0]))
+        return tokens
+
+    def _take(self, i: int, token: int, finished: list[Request]) -> None:
+        """A new token for row i: end-of-text, a stop string or the length limit retire the row."""
+        row = self.rows[i]
+        r = row.request
+        if r.first_token_at is None:
+            r.first_token_at = time.perf_counter()
+        if token == self.eos_id and not r.ignore_eos:
+            return self._finish(i, "stop", finished)
+        r.tokens.append(token)
+        row.next_token = token
+        self.stats["new_tokens"] += 1
+        if row.decoder is not None:
+            row.text += row.decoder.push(token)
+            if self._stream(row):
+                return self._finish(i, "stop", finished)
+        if len(r.tokens) == r.max_new_tokens:
+            self._finish(i, "length", finished)
+
+    def _stream(self, row: Row) -> bool:
+        """Send on_text what is certain: not a possible start of a stop string. True when a stop string is in."""
+        r = row.request
+        hits = [j for j in (row.text.find(s) for s in r.stop) if j >= 0]
+        if hits:
+            row.text = row.text[:min(hits)]
+        held = 0 if hits else max((n for s in r.stop for n in range(1, len(s)) if row.text.endswith(s[:n])),
+                                  default=0)
+        if r.on_text is not None and len(row.text) - held > row.sent:
+            r.on_text(row.text[row.sent:len(row.text) - held])
+        row.sent = max(row.sent, len(row.text) - held)
+        return bool(hits)
+
+    def _finish(self, i: int, reason: str, finished: list[Request]) -> None:
+        row = self.rows[i]
+        r = row.request
+        if row.decoder is not None:  # the whole decode, as the tokenizer gives it, cut before a stop string
+            text = self.tok.decode(r.tokens)
+            r.text = text[:min([j for j in (text.find(s) for s in r.stop) if j >= 0], default=len(text))]
+            if r.on_text is not None and r.text.startswith(row.text[:row.sent]) and len(r.text) > row.sent:
+                r.on_text(r.text[row.sent:])
+        r.finish_reason, r.finished_at = reason, time.perf_counter()
+        self.rows[i] = None
+        finished.append(r)
+
+
+class EngineThread:
+    """An engine stepping in a background thread, for servers: submit() from any thread; each request streams
+    through its on_text and ends with its on_done. A step that raises fails the requests in it, not the thread."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.wake = engine, threading.Event()
+        threading.Thread(target=self._loop, daemon=True, name="engine").start()
+
+    def submit(self, request: Request) -> Request:
+        self.engine.add(request)
+        self.wake.set()
+        return request
+
+    def _loop(self) -> None:
+        while True:
+            if not self.engine.has_work():
+                self.wake.wait()
+                self.wake.clear()
+                continue
+            try:
+                finished = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - reported to each request's caller
+                finished = self.engine.abort(f"{type(e).__name__}: {e}")
+            for request in finished:
+                if request.on_done is not None:
+                    request.on_done(request)
+
+
+def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float = 1.0, eos_id: int | None = None, seed: int | None = None,
+             batch_size: int | None = None, compile: bool = False, use_cache: bool = True,
+             batching: str = "continuous") -> tuple[list[list[int]], dict]:
+    """New token ids for each prompt, in input order, and the engine's stats: a thin call into Engine.
+    A row stops at eos_id (not returned) or after max_new_tokens. Prompt i samples with seed + i."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    if longest > model.config.max_seq_len:
+        raise ValueError(f"prompt ({longest - max_new_tokens}) + max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"context window of {model.config.max_seq_len} tokens")
+    engine = Engine(model, rows=batch_size or len(prompts), max_len=longest, eos_id=eos_id, compile=compile,
+                    use_cache=use_cache, batching=batching)
+    requests = [Request(p, max_new_tokens, temperature, top_k, top_p, None if seed is None else seed + i)
+                for i, p in enumerate(prompts)]
+    for _ in engine.run(requests):
+        pass
+    return [r.tokens for r in requests], engine.summary()
