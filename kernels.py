@@ -130,3 +130,168 @@ def compile_decode_step(model: nn.Module):
                     return compiled(*args)
             model._compiled_decode = frozen_decode_step
     return model._compiled_decode
+
+
+# --- weight-only quantized layers (int8, int4) --------------------------------------------------------
+# GGUF block layouts as bytes per block of 32 weights: Q4_0 d(fp16) qs(16); Q4_1 d m qs(16); Q8_0 d qs(32 int8).
+GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+DENSE_MIN_ROWS: int | None = None  # None: measured once per process by dense_min_rows()
+_ops_ready = False
+
+
+def quant_ops():
+    """torch.ops.slm, built from kernels.cpp at first use (about a minute, then cached in .cache/)."""
+    global _ops_ready
+    if not _ops_ready:
+        import os
+        import sys
+        from pathlib import Path
+
+        from torch.utils.cpp_extension import load
+
+        os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")  # ninja
+        root = Path(__file__).resolve().parent
+        build = root / ".cache" / "kernels"
+        build.mkdir(parents=True, exist_ok=True)
+        load(name="slm_kernels", sources=[str(root / "kernels.cpp")], build_directory=str(build),
+             extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False,
+             verbose=False)
+        for name in ("q4_linear", "q4_linear_plain"):  # output shapes, for torch.compile
+            torch.library.register_fake(f"slm::{name}")(lambda x, qs, d, m: x.new_empty(x.size(0), qs.size(0)))
+        for name in ("q8_linear", "q8_linear_plain"):
+            torch.library.register_fake(f"slm::{name}")(lambda x, q, s: x.new_empty(x.size(0), q.size(0)))
+        _ops_ready = True
+    return torch.ops.slm
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W.T without bias, W held as int4 ("q4": groups of 32, w = d * q + m, llama.cpp's Q4_1) or int8
+    ("q8": w = s * q, one scale per group). A few rows run the fused kernels of kernels.cpp on the quantized
+    weights; from DENSE_MIN_ROWS rows (measured per machine) a GEMM on the dequantized weights is faster, so
+    those are made once and kept. Either way the numbers are the dequantized weights'."""
+
+    def __init__(self, fmt: str, out_features: int, in_features: int, **tensors: torch.Tensor):
+        super().__init__()
+        self.fmt, self.out_features, self.in_features = fmt, out_features, in_features
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
+        self.dense: torch.Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return f"{self.fmt}, in_features={self.in_features}, out_features={self.out_features}"
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the weight matrix, dequantized to fp32 (the embedding lookup of a tied head)."""
+        if self.fmt == "q4":
+            packed = self.qs[ids].view(*ids.shape, -1, 16)
+            q = torch.cat([packed & 15, packed >> 4], dim=-1).float()  # (.., groups, 32)
+            w = self.d[ids].float()[..., None] * q + self.m[ids].float()[..., None]
+        else:
+            q = self.q[ids].float().view(*ids.shape, self.s.size(-1), -1)
+            w = self.s[ids][..., None] * q
+        return w.flatten(-2)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.rows(torch.arange(self.out_features, device=self.s.device if self.fmt == "q8" else
+                                      self.d.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        if x2.size(0) >= dense_min_rows() or x2.device.type != "cpu":
+            weight = self.dense if self.dense is not None else self.dequantize()  # folded away when frozen
+            if self.dense is None and not torch.compiler.is_compiling():
+                self.dense = weight
+            y = F.linear(x2, weight)
+        elif self.fmt == "q4":
+            y = quant_ops().q4_linear(x2, self.qs, self.d, self.m)
+        else:
+            y = quant_ops().q8_linear(x2, self.q, self.s)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class QuantEmbedding(nn.Module):
+    """The token lookup of a tied embedding whose matrix is quantized for the head: rows dequantized."""
+
+    def __init__(self, head: QuantLinear):
+        super().__init__()
+        self.head = head
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head.rows(ids)
+
+
+def quantize_q4(w: torch.Tensor) -> QuantLinear:
+    """int4 in llama.cpp's Q4_1 form: per group of 32, d = (max - min) / 15 and m = min, stored in fp16."""
+    N, K = w.shape
+    groups = w.float().view(N, K // 32, 32)
+    low, high = groups.amin(-1), groups.amax(-1)
+    d = (high - low) / 15
+    q = ((groups - low[..., None]) / torch.where(d > 0, d, 1)[..., None] + 0.5).floor().clamp(0, 15).to(torch.uint8)
+    qs = (q[..., :16] | (q[..., 16:] << 4)).reshape(N, K // 2)
+    return QuantLinear("q4", N, K, qs=qs.contiguous(), d=d.half(), m=low.half())
+
+
+def quantize_q8(w: torch.Tensor) -> QuantLinear:
+    """int8, symmetric, one scale per output channel."""
+    s = w.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
+    q = (w.float() / s).round().clamp(-127, 127).to(torch.int8)
+    return QuantLinear("q8", w.size(0), w.size(1), q=q, s=s)
+
+
+def from_gguf_blocks(kind: str, data: torch.Tensor, shape: tuple[int, int]) -> QuantLinear:
+    """A layer holding a GGUF tensor's own blocks (raw bytes, [N, groups * block bytes]): no re-quantizing."""
+    N, K = shape
+    blocks = data.view(N, K // 32, GGUF_BLOCK_BYTES[kind])
+    scale = blocks[..., :2].contiguous().view(torch.float16).view(N, K // 32)
+    if kind == "Q8_0":
+        return QuantLinear("q8", N, K, q=blocks[..., 2:].contiguous().view(torch.int8).view(N, K), s=scale.float())
+    low = blocks[..., 2:4].contiguous().view(torch.float16).view(N, K // 32) if kind == "Q4_1" else -8 * scale
+    qs = blocks[..., -16:].contiguous().view(N, K // 2)
+    return QuantLinear("q4", N, K, qs=qs, d=scale.contiguous(), m=low.contiguous())
+
+
+def quantize_model(model: nn.Module, mode: str, gguf_blocks: dict | None = None) -> nn.Module:
+    """Every matmul weight (q, k, v, o, gate, up, down and the head) as int8 or int4, in place. Where the
+    checkpoint kept GGUF blocks (convert.py --keep-quantized), those are used as they are: Q4_0/Q4_1 for int4,
+    Q8_0 for either (llama.cpp's choice for SmolLM2's embedding, finer than 4 bits). A tied embedding's lookup
+    reads the quantized head's rows. A load-time choice: checkpoints never hold these layers."""
+    if mode not in ("int8", "int4"):
+        raise ValueError(f"--quantize must be int8 or int4, not {mode!r}")
+    gguf_blocks = gguf_blocks or {}
+    wanted = {"int4": ("Q4_0", "Q4_1", "Q8_0"), "int8": ("Q8_0",)}[mode]
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        key = f"{name}.weight"
+        if key not in gguf_blocks and name == "lm_head" and model.config.tie_embeddings:
+            key = "embed_tokens.weight"
+        block = gguf_blocks.get(key)
+        if block is not None and block["type"] in wanted:
+            layer = from_gguf_blocks(block["type"], block["data"], tuple(module.weight.shape))
+        else:
+            quantize = quantize_q4 if mode == "int4" and module.in_features % 32 == 0 else quantize_q8
+            layer = quantize(module.weight.detach())
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer.to(module.weight.device))
+    if model.config.tie_embeddings:
+        model.embed_tokens = QuantEmbedding(model.lm_head)
+    return model
+
+
+def dense_min_rows() -> int:
+    """From how many rows a GEMM on dequantized weights beats the fused int4 kernel on this machine (timed
+    once, on a 1536 x 576 layer). At one row the kernel reads 7x fewer bytes; with many rows the GEMM's
+    register blocking wins."""
+    global DENSE_MIN_ROWS
+    if DENSE_MIN_ROWS is None:
+        g = torch.Generator().manual_seed(0)
+        layer = quantize_q4(torch.randn(1536, 576, generator=g))
+        dense = layer.dequantize()
+        ops = quant_ops()
+        DENSE_MIN_ROWS = 64
+        for rows in (2, 4, 8, 16, 32):
+            x = torch.randn(rows, 576, generator=g)
+            if best_time(lambda: F.linear(x, dense)) < best_time(lambda: ops.q4_linear(x, layer.qs, layer.d, layer.m)):
+                DENSE_MIN_ROWS = rows
+                break
+    return DENSE_MIN_ROWS

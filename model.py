@@ -49,27 +49,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 @dataclass
-class Prefill:
-    """Chunks of prompts going into cache rows: chunk b is row rows[b]'s tokens from slot starts[b] on, right
-    padded to one width. Only real tokens are written (the (batch, time) index pairs in token_b, token_t, at
-    cache slots `slots`); each query sees the keys of its own row up to its own position (mask)."""
-    rows: torch.Tensor      # (n,) cache rows
-    token_b: torch.Tensor   # (N,) batch index of each real token
-    token_t: torch.Tensor   # (N,) time index of each real token
-    slots: torch.Tensor     # (N,) cache slot of each real token
-    mask: torch.Tensor      # (n, 1, T, S) keys each query may see, S = the longest row after this chunk
-
-    def attend(self, attn: Attention, q, k, v, kv):
-        k_cache, v_cache = kv
-        rows = self.rows[self.token_b]
-        k_cache[rows, :, self.slots] = k[self.token_b, :, self.token_t]
-        v_cache[rows, :, self.slots] = v[self.token_b, :, self.token_t]
-        S = self.mask.size(-1)
-        return F.scaled_dot_product_attention(q, k_cache[self.rows, :, :S], v_cache[self.rows, :, :S],
-                                              attn_mask=self.mask, enable_gqa=attn.n_kv_head != attn.n_head)
-
-
-@dataclass
 class Decode:
     """One new token for every row of the cache, written at its row's slot `positions[b]`; each row attends
     over its own slots up to that one (mask). Shapes never change, so compiled steps replay."""
@@ -77,11 +56,38 @@ class Decode:
     mask: torch.Tensor       # (rows, 1, 1, S)
 
     def attend(self, attn: Attention, q, k, v, kv):
+        """q (H, rows, D), k and v (H_kv, rows, D) -> (H, rows, D)."""
         k_cache, v_cache = kv
-        index = self.positions.view(-1, 1, 1, 1).expand_as(k)
-        k_cache.scatter_(2, index, k)
-        v_cache.scatter_(2, index, v)
-        return attn.decode_attention(q, k_cache, v_cache, self.mask)
+        index = self.positions.view(-1, 1, 1, 1).expand(-1, k.size(0), 1, k.size(-1))
+        k_cache.scatter_(2, index, k.transpose(0, 1)[:, :, None])
+        v_cache.scatter_(2, index, v.transpose(0, 1)[:, :, None])
+        y = attn.decode_attention(q.transpose(0, 1)[:, :, None], k_cache, v_cache, self.mask)
+        return y[:, :, 0].transpose(0, 1)
+
+
+@dataclass
+class Prefill:
+    """Prompt chunks going into cache rows: chunk b is row rows[b]'s tokens for slots starts[b], ... Their
+    tokens come flat (token_b, token_t: which chunk and place each is; slots: its cache slot). Attention pads
+    the chunks to one width, and each query sees the keys of its own row up to its own position (mask)."""
+    rows: torch.Tensor      # (n,) cache rows
+    token_b: torch.Tensor   # (N,) chunk of each token
+    token_t: torch.Tensor   # (N,) place in its chunk
+    slots: torch.Tensor     # (N,) cache slot of each token
+    mask: torch.Tensor      # (n, 1, T, S): T the longest chunk, S the longest row after this step
+
+    def attend(self, attn: Attention, q, k, v, kv):
+        """q (H, N, D), k and v (H_kv, N, D) -> (H, N, D)."""
+        k_cache, v_cache = kv
+        rows = self.rows[self.token_b]
+        k_cache[rows, :, self.slots] = k.transpose(0, 1)
+        v_cache[rows, :, self.slots] = v.transpose(0, 1)
+        n, _, T, S = self.mask.shape
+        padded = q.new_zeros(n, q.size(0), T, q.size(-1))
+        padded[self.token_b, :, self.token_t] = q.transpose(0, 1)
+        y = F.scaled_dot_product_attention(padded, k_cache[self.rows, :, :S], v_cache[self.rows, :, :S],
+                                           attn_mask=self.mask, enable_gqa=attn.n_kv_head != attn.n_head)
+        return y[self.token_b, :, self.token_t].transpose(0, 1)
 
 
 class Attention(nn.Module):
@@ -94,20 +100,26 @@ class Attention(nn.Module):
         self.v_proj = Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.o_proj = Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, cache: Prefill | Decode | None = None, kv=None) -> torch.Tensor:
-        """x (B, T, d_model). Without a cache: causal attention within x (training, scoring). With one: x's
-        keys and values go into kv, this layer's (k_cache, v_cache), and the queries attend over the cache."""
+    def forward(self, x, cos, sin, parts: list[Decode | Prefill] | None = None, kv=None) -> torch.Tensor:
+        """x (B, T, d_model). Without parts: causal attention within x (training, scoring). With parts: x is
+        one engine step's tokens, flat (B == 1), part after part; their keys and values go into kv, this
+        layer's (k_cache, v_cache), and each part attends over the cache its own way."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # no-op unless autocast or a bf16 model
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:
+        if parts is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv_head != self.n_head,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:
-            y = cache.attend(self, q, k, v, kv)
+            ys, start = [], 0
+            for part in parts:
+                end = start + part.mask.size(0) if isinstance(part, Decode) else start + part.token_b.numel()
+                ys.append(part.attend(self, q[0, :, start:end], k[0, :, start:end], v[0, :, start:end], kv))
+                start = end
+            y = (ys[0] if len(ys) == 1 else torch.cat(ys, dim=1))[None]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def decode_attention(self, q, k, v, mask):
@@ -141,8 +153,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache=None, kv=None):
-        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, kv))
+    def forward(self, x, cos, sin, parts=None, kv=None):
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, parts, kv))
         return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -198,15 +210,14 @@ class GPT(nn.Module):
 
     # --- KV cache: one row per sequence in flight ---------------------------------------------------
     def setup_kv_cache(self, rows: int, length: int, dtype: torch.dtype | None = None) -> None:
-        """Preallocate per-layer K/V buffers of shape (rows, n_kv_head, length, head_dim)."""
+        """Preallocate per-layer K/V buffers of shape (rows, n_kv_head, length, head_dim). Separate tensors:
+        a compiled step writes into each in place (views of one big tensor made Inductor copy it whole)."""
         if length > self.config.max_seq_len:
             raise ValueError(f"KV cache length {length} exceeds max_seq_len {self.config.max_seq_len}")
-        dtype = dtype or self.embed_tokens.weight.dtype
-        device = self.embed_tokens.weight.device
         shape = (rows, self.config.n_kv_head, length, self.config.head_dim)
-        self.kv_cache = [(torch.zeros(shape, dtype=dtype, device=device),
-                          torch.zeros(shape, dtype=dtype, device=device)) for _ in self.layers]
-        if device.type == "cuda":  # CUDA graphs replay in-place writes only into inputs with fixed addresses
+        options = {"dtype": dtype or self.norm.weight.dtype, "device": self.rope_cos.device}
+        self.kv_cache = [(torch.zeros(shape, **options), torch.zeros(shape, **options)) for _ in self.layers]
+        if self.rope_cos.is_cuda:  # CUDA graphs replay in-place writes only into inputs with fixed addresses
             for k, v in self.kv_cache:
                 torch._dynamo.mark_static_address(k)
                 torch._dynamo.mark_static_address(v)
@@ -214,37 +225,59 @@ class GPT(nn.Module):
     def free_kv_cache(self) -> None:
         self.kv_cache = None
 
-    def prefill(self, chunks: list[list[int]], rows: list[int], starts: list[int]) -> torch.Tensor:
-        """Write prompt chunks into the cache: chunk b holds row rows[b]'s tokens for slots starts[b], ... (its
-        earlier slots are already filled). Returns the logits after each chunk's last token, (n, vocab)."""
-        device = self.embed_tokens.weight.device
-        lengths = torch.tensor([len(c) for c in chunks], device=device)
-        width, longest = int(lengths.max()), max(s + len(c) for s, c in zip(starts, chunks))
-        if longest > self.kv_cache[0][0].size(2):
-            raise ValueError(f"row length {longest} does not fit the KV cache of {self.kv_cache[0][0].size(2)} slots")
-        idx = torch.tensor([c + [0] * (width - len(c)) for c in chunks], device=device)
-        positions = torch.tensor(starts, device=device)[:, None] + torch.arange(width, device=device)  # (n, T)
-        token_b, token_t = (torch.arange(width, device=device) < lengths[:, None]).nonzero(as_tuple=True)
-        mask = torch.arange(longest, device=device) <= positions[:, :, None]                       # (n, T, S)
-        cache = Prefill(torch.tensor(rows, device=device), token_b, token_t, positions[token_b, token_t],
-                        mask.unsqueeze(1))
-        safe = positions.clamp(max=self.config.max_seq_len - 1)  # pad tokens past the context are never read
-        cos, sin = self.rope_cos[safe].unsqueeze(1), self.rope_sin[safe].unsqueeze(1)
-        x = self.embed_tokens(idx)
-        for layer, kv in zip(self.layers, self.kv_cache):
-            x = layer(x, cos, sin, cache, kv)
-        last = x[torch.arange(len(chunks), device=device), lengths - 1]
-        return self.lm_head(self.norm(last))
+    def step(self, kv_cache: list[tuple[torch.Tensor, torch.Tensor]],
+             decode: tuple[torch.Tensor, torch.Tensor] | None = None,
+             prefill: tuple[list[list[int]], list[int], list[int]] | None = None):
+        """One pass over an engine step's tokens, which read the weights once between them:
+        decode = (tokens, positions), one token for every cache row, at slot positions[b] of row b;
+        prefill = (chunks, rows, starts), prompt chunks: chunk b holds row rows[b]'s tokens for slots
+        starts[b], ... (the slots before are filled already).
+        kv_cache is self.kv_cache or views of its first S slots (S past every slot read or written); an
+        argument, not self.kv_cache, because Inductor freezing would fold an attribute in as a constant.
+        Returns the decode logits (rows, vocab) and the logits after each chunk's last token (n, vocab)."""
+        device = self.rope_cos.device
+        keys = torch.arange(kv_cache[0][0].size(2), device=device)
+        parts, ids, positions = [], [], []
+        if decode is not None:
+            tokens, slots = decode
+            parts.append(Decode(slots, (keys[None] <= slots[:, None])[:, None, None]))
+            ids.append(tokens)
+            positions.append(slots)
+        if prefill is not None:
+            chunks, rows, starts = prefill
+            lengths = torch.tensor([len(c) for c in chunks], device=device)
+            token_b = torch.repeat_interleave(torch.arange(len(chunks), device=device), lengths)
+            token_t = torch.arange(len(token_b), device=device) - (lengths.cumsum(0) - lengths)[token_b]
+            slots = torch.tensor(starts, device=device)[token_b] + token_t
+            longest = max(s + len(c) for s, c in zip(starts, chunks))
+            width = int(lengths.max())
+            queries = torch.tensor(starts, device=device)[:, None] + torch.arange(width, device=device)  # (n, T)
+            mask = (keys[:longest] <= queries[:, :, None]).unsqueeze(1)                                  # (n,1,T,S)
+            parts.append(Prefill(torch.tensor(rows, device=device), token_b, token_t, slots, mask))
+            ids.append(torch.tensor([t for c in chunks for t in c], device=device))
+            positions.append(slots)
+        ids, positions = torch.cat(ids), torch.cat(positions)
+        cos, sin = self.rope_cos[positions][None, None], self.rope_sin[positions][None, None]
+        x = self.embed_tokens(ids[None])
+        for layer, kv in zip(self.layers, kv_cache):
+            x = layer(x, cos, sin, parts, kv)
+        x = x[0]
+        n_decode = decode[0].numel() if decode is not None else 0
+        decode_logits = self.lm_head(self.norm(x[:n_decode])) if decode is not None else None
+        prefill_logits = None
+        if prefill is not None:
+            prefill_logits = self.lm_head(self.norm(x[n_decode + lengths.cumsum(0) - 1]))
+        return decode_logits, prefill_logits
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor,
                     kv_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """One token for every cache row: tokens (rows,) go in at slots positions (rows,). kv_cache is
-        self.kv_cache, or views of its first S slots (S > every position). Returns logits (rows, vocab).
-        An argument, not self.kv_cache: Inductor freezing would fold an attribute into the graph as a constant."""
-        keys = torch.arange(kv_cache[0][0].size(2), device=tokens.device)
-        cache = Decode(positions, (keys[None] <= positions[:, None])[:, None, None])
-        cos, sin = self.rope_cos[positions][:, None, None], self.rope_sin[positions][:, None, None]
-        x = self.embed_tokens(tokens[:, None])
-        for layer, kv in zip(self.layers, kv_cache):
-            x = layer(x, cos, sin, cache, kv)
-        return self.lm_head(self.norm(x))[:, 0]
+        """step() with one token for every row and nothing else: shapes that never change (torch.compile,
+        CUDA graphs). Returns logits (rows, vocab)."""
+        return self.step(kv_cache, decode=(tokens, positions))[0]
+
+    def prefill(self, chunks: list[list[int]], rows: list[int], starts: list[int]) -> torch.Tensor:
+        """step() with prompt chunks only. Returns the logits after each chunk's last token, (n, vocab)."""
+        longest = max(s + len(c) for s, c in zip(starts, chunks))
+        if longest > self.kv_cache[0][0].size(2):
+            raise ValueError(f"row length {longest} does not fit the KV cache of {self.kv_cache[0][0].size(2)} slots")
+        return self.step(self.kv_cache, prefill=(chunks, rows, starts))[1]

@@ -86,19 +86,21 @@ def test_seeded_sampling_does_not_depend_on_the_batch_or_admission(model):
     assert [r.tokens for r in batched] != run(Engine(model, rows=4, max_len=64), other)
 
 
-def test_decode_step_logits_equal_full_forward_of_each_sequence(model):
-    """The logits of every decode step the engine runs, on its ragged mix of rows (some still prefilling,
-    some idle), against a full forward of each row's sequence so far: within 1e-5 of the largest logit."""
+def test_decode_step_logits_equal_full_forward_of_each_sequence(model, monkeypatch):
+    """The decode logits of every pass the engine runs, on its ragged mix of rows (some idle, some with
+    prompt chunks in the same pass), against a full forward of each row's sequence so far: within 1e-5 of
+    the largest logit."""
     engine = Engine(model, rows=3, max_len=64, prefill_tokens=8)
-    steps = []
+    steps, step = [], model.step
 
-    def recording_decode(tokens, positions, kv):
-        logits = model.decode_step(tokens, positions, kv)
-        live = {i: row.request.prompt + row.request.tokens for i, row in enumerate(engine.rows)
-                if row is not None and row.next_token is not None}
-        steps.append((live, logits.clone()))
+    def recording_step(kv, decode=None, prefill=None):
+        logits = step(kv, decode, prefill)
+        if decode is not None:
+            live = {i: row.request.prompt + row.request.tokens for i, row in enumerate(engine.rows)
+                    if row is not None and row.next_token is not None}
+            steps.append((live, logits[0].clone()))
         return logits
-    engine.decode = recording_decode
+    monkeypatch.setattr(model, "step", recording_step)
     run(engine, ragged_requests(6))
     checked = 0
     with torch.no_grad():
@@ -151,14 +153,14 @@ def test_cancelled_request_frees_its_row(model):
 def test_engine_thread_survives_a_failed_step(model, monkeypatch):
     """A step that raises fails the requests in it with the error; the thread serves the next ones."""
     engine = Engine(model, rows=2, max_len=64)
-    calls = []
+    calls, step = [], model.step
 
     def failing_once(*args):
         calls.append(1)
-        if len(calls) == 1:
+        if len(calls) == 2:  # the first pass prefills; the second also decodes
             raise RuntimeError("simulated kernel failure")
-        return model.decode_step(*args)
-    engine.decode = failing_once
+        return step(*args)
+    monkeypatch.setattr(model, "step", failing_once)
     thread = EngineThread(engine)
     done = []
     broken = thread.submit(Request([1, 2, 3], 10, on_done=done.append))

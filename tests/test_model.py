@@ -98,7 +98,7 @@ def test_decode_step_writes_each_row_in_place_at_its_slot():
     with torch.no_grad():
         m.prefill([[1, 2, 3], [4]], [0, 1], [0, 0])
         m.decode_step(torch.tensor([5, 6]), torch.tensor([3, 1]), m.kv_cache)
-    cache = m.kv_cache[1][0]
+    cache = m.kv_cache[1][0]  # layer 1's keys
     assert cache.data_ptr() == ptr and cache.shape == (2, 2, 16, 8)
     assert cache[0, :, :4].abs().sum() > 0 and cache[0, :, 4:].abs().sum() == 0
     assert cache[1, :, :2].abs().sum() > 0 and cache[1, :, 2:].abs().sum() == 0

@@ -1,0 +1,254 @@
+"""An OpenAI-compatible HTTP server over one engine (engine.py): each request joins the running batch as soon
+as a row frees up. The engine runs in a background thread; the event loop never waits on the model.
+
+  python serve.py --checkpoint checkpoints/smollm2-135m-instruct            # http://127.0.0.1:8000/v1
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi!"}]}'
+
+Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream or not).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from checkpoint import CheckpointError
+from config import ArgumentParser, positive
+from engine import Engine, EngineThread
+from engine import Request as Generation
+from inference import DTYPES, load_model
+from tokenizer import Tokenizer
+
+MAX_BODY_BYTES = 1 << 20     # a request body larger than this is refused (413)
+MAX_PROMPT_CHARS = 100_000   # and so is a prompt (or all messages) longer than this (400)
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "best_of")
+
+
+class APIError(Exception):
+    """Answered as OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+def error_response(e: APIError) -> JSONResponse:
+    kind = {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error",
+            500: "server_error"}.get(e.status, "invalid_request_error")
+    return JSONResponse({"error": {"message": e.message, "type": kind, "param": e.param, "code": e.code}},
+                        status_code=e.status, headers=e.headers)
+
+
+def number(body: dict, name: str, default, low: float, high: float, integer: bool = False, open_low: bool = False):
+    """body[name] (or the default) checked to be a number in [low, high] ((low, high] with open_low)."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise APIError(400, f"'{name}' must be {'an integer' if integer else 'a number'}, not {value!r}", name)
+    if value < low or value > high or (open_low and value == low):
+        raise APIError(400, f"'{name}' must be in {'(' if open_low else '['}{low}, {high}], not {value}", name)
+    return value
+
+
+def create_app(engine: EngineThread, tok: Tokenizer, model_name: str, api_key: str | None = None,
+               max_queue: int = 256) -> FastAPI:
+    app = FastAPI(title="slm", docs_url=None, redoc_url=None)
+    created = int(time.time())
+    max_len = engine.engine.max_len
+
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError):
+        return error_response(e)
+
+    @app.middleware("http")
+    async def check_key_and_size(request: Request, call_next):
+        try:
+            if api_key is not None and request.url.path.startswith("/v1/") and \
+                    request.headers.get("authorization") != f"Bearer {api_key}":
+                raise APIError(401, "missing or wrong API key; send the header 'Authorization: Bearer KEY'",
+                               code="invalid_api_key")
+            if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+                raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        except APIError as e:
+            return error_response(e)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        e = engine.engine
+        return {"status": "ok", "active_rows": e.active(), "queued": e.queued(), "rows": len(e.rows)}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "slm"}]}
+
+    async def read_body(request: Request) -> dict:
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise APIError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        if "model" not in body:
+            raise APIError(400, "you must provide a model parameter", "model")
+        if body["model"] != model_name:
+            raise APIError(404, f"the model '{body['model']}' does not exist; this server has '{model_name}'",
+                           "model", "model_not_found")
+        for name in UNSUPPORTED:
+            if body.get(name) not in (None, False) and not (name == "best_of" and body[name] == 1):
+                raise APIError(400, f"'{name}' is not supported by this server", name)
+        if number(body, "n", 1, 1, 1, integer=True) != 1:
+            raise APIError(400, "'n' must be 1", "n")
+        return body
+
+    def generation(body: dict, prompt: str, default_max: int | None) -> Generation:
+        """The engine request for a checked body; refuses what the model or the queue cannot take."""
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise APIError(400, f"the prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+        ids = tok.encode(prompt)
+        room = max_len - len(ids)
+        if room < 1:
+            raise APIError(400, f"the prompt is {len(ids)} tokens; this server's context is {max_len}", "messages")
+        name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = number(body, name, default_max or room, 1, 1 << 30, integer=True)
+        if max_tokens > room:
+            raise APIError(400, f"the prompt ({len(ids)} tokens) + {name} ({max_tokens}) exceeds this server's "
+                                f"context of {max_len} tokens; ask for at most {room}", name)
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+            raise APIError(400, "'stop' must be a string or a list of at most 4 non-empty strings", "stop")
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise APIError(400, f"'seed' must be an integer, not {seed!r}", "seed")
+        top_k = number(body, "top_k", 0, 0, tok.vocab_size, integer=True)
+        if engine.engine.queued() >= max_queue:
+            raise APIError(429, f"the queue is full ({max_queue} requests waiting); retry in a second",
+                           headers={"Retry-After": "1"})
+        return Generation(ids, max_tokens, number(body, "temperature", 1.0, 0, 2), top_k or None,
+                          number(body, "top_p", 1.0, 0, 1, open_low=True), seed=seed, stop=tuple(stop))
+
+    async def respond(request: Request, body: dict, gen: Generation, chat: bool):
+        loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
+        gen.on_text = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)
+        gen.on_done = lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        head = {"id": rid, "created": int(time.time()), "model": model_name}
+        engine.submit(gen)
+
+        def usage() -> dict:
+            n = len(gen.tokens)
+            return {"prompt_tokens": len(gen.prompt), "completion_tokens": n, "total_tokens": len(gen.prompt) + n}
+
+        def choice(text: str | None, finish: str | None, stream: bool) -> dict:
+            if not chat:
+                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            if stream:  # a piece of the answer, or (text None) the last chunk, which only says why it ended
+                return {"index": 0, "delta": {} if text is None else {"content": text}, "finish_reason": finish}
+            return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+
+        if body.get("stream"):
+            async def events():
+                try:
+                    kind = "chat.completion.chunk" if chat else "text_completion"
+                    if chat:
+                        first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                        yield f"data: {json.dumps(head | {'object': kind, 'choices': [first]})}\n\n"
+                    while (piece := await pieces.get()) is not None:
+                        yield f"data: {json.dumps(head | {'object': kind, 'choices': [choice(piece, None, True)]})}\n\n"
+                    if gen.finish_reason == "error":
+                        yield f"data: {json.dumps({'error': {'message': gen.error, 'type': 'server_error'}})}\n\n"
+                    else:
+                        end = choice(None, gen.finish_reason, True)
+                        yield f"data: {json.dumps(head | {'object': kind, 'choices': [end], 'usage': usage()})}\n\n"
+                    yield "data: [DONE]\n\n"
+                finally:  # the client went away (or we are done): its row is freed at the next step
+                    gen.cancelled = True
+            return StreamingResponse(events(), media_type="text/event-stream")
+        try:
+            while True:  # wait for the result, but give up the row if the client disconnects
+                try:
+                    while await asyncio.wait_for(pieces.get(), timeout=0.5) is not None:
+                        pass
+                    break
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return JSONResponse({}, status_code=499)
+        finally:
+            gen.cancelled = True
+        if gen.finish_reason == "error":
+            raise APIError(500, f"generation failed: {gen.error}")
+        kind = "chat.completion" if chat else "text_completion"
+        return head | {"object": kind, "choices": [choice(gen.text, gen.finish_reason, False)], "usage": usage()}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_body(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise APIError(400, "'prompt' must be a non-empty string", "prompt")
+        return await respond(request, body, generation(body, prompt, 16), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_body(request)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str) for m in messages):
+            raise APIError(400, "'messages' must be a non-empty list of {role: system|user|assistant, content: "
+                                "string}", "messages")
+        if not tok.chat_template:
+            raise APIError(400, "this model has no chat template; use /v1/completions")
+        prompt = tok.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages])
+        return await respond(request, body, generation(body, prompt, None), chat=True)
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--checkpoint", required=True, help="run directory or .ckpt file")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=positive(int), default=8000)
+    p.add_argument("--batch-size", type=positive(int), default=32, help="rows: requests generated at once")
+    p.add_argument("--max-len", type=positive(int), default=2048, help="longest prompt + completion, in tokens")
+    p.add_argument("--max-queue", type=positive(int), default=256, help="waiting requests before 429")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/")
+    p.add_argument("--model-name", default=None, help="the model's id (default: the checkpoint's folder name)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first start)")
+    args = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        model, tok = load_model(args.checkpoint, device, args.dtype)
+    except CheckpointError as e:
+        p.exit(1, f"error: {e}\n")
+    path = Path(args.checkpoint)
+    name = args.model_name or (path.parent.name if path.suffix == ".ckpt" else path.name)
+    max_len = min(args.max_len, model.config.max_seq_len)
+    engine = EngineThread(Engine(model, rows=args.batch_size, max_len=max_len, tokenizer=tok, compile=args.compile))
+    print(f"serving {name} ({model.num_params():,} parameters, {args.batch_size} rows of {max_len} tokens, "
+          f"{DTYPES[args.dtype]}) at http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(create_app(engine, tok, name, args.api_key, args.max_queue), host=args.host, port=args.port,
+                log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
