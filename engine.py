@@ -233,7 +233,8 @@ class Engine:
             need = max([row.filled + ahead.get(i, 0) for i, row in enumerate(self.rows) if row is not None] +
                        [row.position + 1 for row in self.rows if row is not None and row.next_token is not None])
             length = self.max_len if self.compiled else min(self.max_len, -(-need // 64) * 64)
-            kv = [(k[:, :, :length], v[:, :, :length]) for k, v in self.model.kv_cache]  # a graph per length
+            kv = self.model.kv_cache if length == self.max_len else \
+                [(k[:, :, :length], v[:, :, :length]) for k, v in self.model.kv_cache]  # a compiled graph per length
             if self.compiled:
                 if prefill:
                     prefill_logits = self.model.step(kv, prefill=prefill)[1]

@@ -2,7 +2,7 @@
 //
 //   q4: 4-bit weights in groups of 32, llama.cpp's Q4_1 layout: w = d * q + m with q in [0, 15].
 //       qs [N, K/2] uint8: for each group, 16 bytes; byte j holds weight j (low nibble) and j + 16 (high).
-//       d, m [N, K/32] float16.
+//       d, m [N, K/32] float32 (GGUF's fp16 values, widened exactly).
 //   q8: 8-bit weights, one scale per group of G (32 is llama.cpp's Q8_0, K is one per output channel):
 //       w = s * q, q [N, K] int8, s [N, K/G] float32.
 //
@@ -13,30 +13,15 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
 namespace {
 
-float half_to_float(uint16_t h) {  // IEEE half -> float, exactly (no F16C needed)
-    uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (man == 0) { bits = sign; }
-        else {  // subnormal: normalise
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400)) { man <<= 1; --exp; }
-            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) { bits = sign | 0x7f800000u | (man << 13); }
-    else { bits = sign | ((exp + 127 - 15) << 23) | (man << 13); }
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-}
-
 // --- plain loops: the reference and the fallback ------------------------------------------------------
 void q4_rows_plain(const float* x, const float* xsum, int64_t M, int64_t K, const uint8_t* qs,
-                   const uint16_t* d, const uint16_t* m, float* y, int64_t N, int64_t n0, int64_t n1) {
+                   const float* d, const float* m, float* y, int64_t N, int64_t n0, int64_t n1) {
     const int64_t G = K / 32;
     for (int64_t n = n0; n < n1; ++n) {
         for (int64_t r = 0; r < M; ++r) {
@@ -46,7 +31,7 @@ void q4_rows_plain(const float* x, const float* xsum, int64_t M, int64_t K, cons
                 const float* xg = x + r * K + g * 32;
                 float dot = 0.f;
                 for (int j = 0; j < 16; ++j) dot += xg[j] * float(q[j] & 15) + xg[j + 16] * float(q[j] >> 4);
-                acc += half_to_float(d[n * G + g]) * dot + half_to_float(m[n * G + g]) * xsum[r * G + g];
+                acc += d[n * G + g] * dot + m[n * G + g] * xsum[r * G + g];
             }
             y[r * N + n] = acc;
         }
@@ -76,106 +61,119 @@ __attribute__((target("avx2,fma,f16c"))) float hsum(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// A group's 32 weights as 4 vectors of 8 floats: bytes 0-7 hold weights 0-7 (low nibbles) and 16-23
-// (high), bytes 8-15 weights 8-15 and 24-31.
-struct Group { __m256 w0, w1, w2, w3; };
+// The AVX2 path takes activations as 16-bit fixed point per group of 32, x = s * q16 (error at most
+// 1.5e-5 of the group's largest |x|), so that vpmaddwd multiplies and adds weights and activations as integers
+// (32-bit sums: 15 * 32767 * 4 per lane cannot overflow) and only each group's sum is converted to float.
+struct Activations {
+    std::vector<int16_t> q;      // [M, K]
+    std::vector<float> scale;    // [M, K / 32]
+    std::vector<float> sum;      // [M, K / 32]: each group's sum of x, in fp32
+};
 
-__attribute__((target("avx2,fma,f16c"))) inline Group unpack(const uint8_t* q) {
-    const __m256i low = _mm256_set1_epi32(15);
-    const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
-    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8)));
-    return {_mm256_cvtepi32_ps(_mm256_and_si256(a, low)), _mm256_cvtepi32_ps(_mm256_and_si256(b, low)),
-            _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4)), _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4))};
+Activations to_fixed_point(const float* x, int64_t M, int64_t K) {
+    const int64_t G = K / 32;
+    Activations a{std::vector<int16_t>(M * K), std::vector<float>(M * G), std::vector<float>(M * G)};
+    for (int64_t i = 0; i < M * G; ++i) {
+        const float* xg = x + i * 32;
+        float top = 0.f, sum = 0.f;
+        for (int j = 0; j < 32; ++j) { top = std::max(top, std::fabs(xg[j])); sum += xg[j]; }
+        const float s = top > 0.f ? top / 32767.f : 1.f;
+        for (int j = 0; j < 32; ++j) a.q[i * 32 + j] = int16_t(std::lrintf(xg[j] / s));
+        a.scale[i] = s;
+        a.sum[i] = sum;
+    }
+    return a;
 }
 
-__attribute__((target("avx2,fma,f16c"))) inline __m256 dot32(const float* x, const Group& w) {
-    __m256 dot = _mm256_mul_ps(_mm256_loadu_ps(x), w.w0);
-    dot = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8), w.w1, dot);
-    dot = _mm256_fmadd_ps(_mm256_loadu_ps(x + 16), w.w2, dot);
-    return _mm256_fmadd_ps(_mm256_loadu_ps(x + 24), w.w3, dot);
+__attribute__((target("avx2,fma,f16c"))) inline __m256i load16(const int16_t* p) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
 }
 
 // R activation rows (1 to 4, a compile-time count so the accumulators live in registers) share one unpacking
-// of each weight group; with one or two rows, two outputs at a time also share each load of x.
+// of each weight group. Per group: sum(q * q16) in integers, then acc += d * s * that (one convert, one FMA).
 template <int R>
 __attribute__((target("avx2,fma,f16c")))
-void q4_block_avx2(const float* x, const float* xsum, int64_t K, const uint8_t* qs, const uint16_t* d,
-                   const uint16_t* m, float* y, int64_t N, int64_t n0, int64_t n1) {
+void q4_block_avx2(const Activations& a, int64_t r0, int64_t K, const uint8_t* qs, const float* d,
+                   const float* m, float* y, int64_t N, int64_t n0, int64_t n1) {
     const int64_t G = K / 32;
-    constexpr int OUT = R <= 2 ? 2 : 1;
-    for (int64_t n = n0; n < n1; n += OUT) {
-        const int outs = int(std::min<int64_t>(OUT, n1 - n));
-        __m256 acc[OUT][R];
-        float mins[OUT][R];  // sum over groups of m * sum(x)
-        for (int o = 0; o < OUT; ++o)
-            for (int r = 0; r < R; ++r) { acc[o][r] = _mm256_setzero_ps(); mins[o][r] = 0.f; }
-        for (int64_t g = 0; g < G; ++g) {
-            for (int o = 0; o < OUT; ++o) {
-                if (o >= outs) break;
-                const int64_t row = n + o;
-                const Group w = unpack(qs + row * K / 2 + g * 16);
-                const __m256 scale = _mm256_set1_ps(_cvtsh_ss(d[row * G + g]));
-                const float mg = _cvtsh_ss(m[row * G + g]);
-                for (int r = 0; r < R; ++r) {
-                    acc[o][r] = _mm256_fmadd_ps(scale, dot32(x + r * K + g * 32, w), acc[o][r]);
-                    mins[o][r] += mg * xsum[r * G + g];
-                }
-            }
-        }
-        for (int o = 0; o < outs; ++o)
-            for (int r = 0; r < R; ++r) y[r * N + n + o] = hsum(acc[o][r]) + mins[o][r];
-    }
-}
-
-template <int R>
-__attribute__((target("avx2,fma,f16c")))
-void q8_block_avx2(const float* x, int64_t K, const int8_t* q, const float* s, int64_t group, float* y,
-                   int64_t N, int64_t n0, int64_t n1) {
-    const int64_t G = K / group;
+    const __m256i low = _mm256_set1_epi16(15);
     for (int64_t n = n0; n < n1; ++n) {
         __m256 acc[R];
         for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
         for (int64_t g = 0; g < G; ++g) {
-            const __m256 scale = _mm256_set1_ps(s[n * G + g]);
-            __m256 dot[R];
-            for (int r = 0; r < R; ++r) dot[r] = _mm256_setzero_ps();
-            for (int64_t j = g * group; j < (g + 1) * group; j += 8) {
-                const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + n * K + j));
-                const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
-                for (int r = 0; r < R; ++r) dot[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + j), w, dot[r]);
+            const __m256i bytes = _mm256_cvtepu8_epi16(
+                _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + n * K / 2 + g * 16)));
+            const __m256i w_lo = _mm256_and_si256(bytes, low), w_hi = _mm256_srli_epi16(bytes, 4);
+            const float dg = d[n * G + g];
+            for (int r = 0; r < R; ++r) {
+                const int64_t i = (r0 + r) * G + g;
+                const int16_t* xq = a.q.data() + i * 32;
+                const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(w_lo, load16(xq)),
+                                                     _mm256_madd_epi16(w_hi, load16(xq + 16)));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dg * a.scale[i]), _mm256_cvtepi32_ps(dot), acc[r]);
             }
-            for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(scale, dot[r], acc[r]);
         }
-        for (int r = 0; r < R; ++r) y[r * N + n] = hsum(acc[r]);
+        for (int r = 0; r < R; ++r) {  // + the sum over groups of m * sum(x), in fp32, 8 groups at a time
+            const float* sums = a.sum.data() + (r0 + r) * G;
+            __m256 mins = _mm256_setzero_ps();
+            int64_t g = 0;
+            for (; g + 8 <= G; g += 8)
+                mins = _mm256_fmadd_ps(_mm256_loadu_ps(m + n * G + g), _mm256_loadu_ps(sums + g), mins);
+            float tail = 0.f;
+            for (; g < G; ++g) tail += m[n * G + g] * sums[g];
+            y[(r0 + r) * N + n] = hsum(acc[r]) + hsum(mins) + tail;
+        }
+    }
+}
+
+// q8 weights: per 32-weight group the same integer dot, scaled by the weight group's and the activations' scale.
+template <int R>
+__attribute__((target("avx2,fma,f16c")))
+void q8_block_avx2(const Activations& a, int64_t r0, int64_t K, const int8_t* q, const float* s, int64_t group,
+                   float* y, int64_t N, int64_t n0, int64_t n1) {
+    const int64_t G = K / 32;
+    const bool per_channel = group == K;  // else groups of 32 (Q8_0)
+    for (int64_t n = n0; n < n1; ++n) {
+        __m256 acc[R];
+        for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < G; ++g) {
+            const int8_t* w = q + n * K + g * 32;
+            const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+            const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));
+            const float wscale = per_channel ? s[n] : s[n * G + g];
+            for (int r = 0; r < R; ++r) {
+                const int64_t i = (r0 + r) * G + g;
+                const int16_t* xq = a.q.data() + i * 32;
+                const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(w0, load16(xq)),
+                                                     _mm256_madd_epi16(w1, load16(xq + 16)));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(wscale * a.scale[i]), _mm256_cvtepi32_ps(dot), acc[r]);
+            }
+        }
+        for (int r = 0; r < R; ++r) y[(r0 + r) * N + n] = hsum(acc[r]);
     }
 }
 
 // All M rows, four at a time, for outputs n0..n1.
-void q4_rows_avx2(const float* x, const float* xsum, int64_t M, int64_t K, const uint8_t* qs,
-                  const uint16_t* d, const uint16_t* m, float* y, int64_t N, int64_t n0, int64_t n1) {
-    const int64_t G = K / 32;
+void q4_rows_avx2(const Activations& a, int64_t M, int64_t K, const uint8_t* qs, const float* d,
+                  const float* m, float* y, int64_t N, int64_t n0, int64_t n1) {
     for (int64_t r = 0; r < M; r += 4) {
-        const float *xr = x + r * K, *sr = xsum + r * G;
-        float* yr = y + r * N;
         switch (std::min<int64_t>(4, M - r)) {
-            case 1: q4_block_avx2<1>(xr, sr, K, qs, d, m, yr, N, n0, n1); break;
-            case 2: q4_block_avx2<2>(xr, sr, K, qs, d, m, yr, N, n0, n1); break;
-            case 3: q4_block_avx2<3>(xr, sr, K, qs, d, m, yr, N, n0, n1); break;
-            default: q4_block_avx2<4>(xr, sr, K, qs, d, m, yr, N, n0, n1);
+            case 1: q4_block_avx2<1>(a, r, K, qs, d, m, y, N, n0, n1); break;
+            case 2: q4_block_avx2<2>(a, r, K, qs, d, m, y, N, n0, n1); break;
+            case 3: q4_block_avx2<3>(a, r, K, qs, d, m, y, N, n0, n1); break;
+            default: q4_block_avx2<4>(a, r, K, qs, d, m, y, N, n0, n1);
         }
     }
 }
 
-void q8_rows_avx2(const float* x, int64_t M, int64_t K, const int8_t* q, const float* s, int64_t group,
+void q8_rows_avx2(const Activations& a, int64_t M, int64_t K, const int8_t* q, const float* s, int64_t group,
                   float* y, int64_t N, int64_t n0, int64_t n1) {
     for (int64_t r = 0; r < M; r += 4) {
-        const float* xr = x + r * K;
-        float* yr = y + r * N;
         switch (std::min<int64_t>(4, M - r)) {
-            case 1: q8_block_avx2<1>(xr, K, q, s, group, yr, N, n0, n1); break;
-            case 2: q8_block_avx2<2>(xr, K, q, s, group, yr, N, n0, n1); break;
-            case 3: q8_block_avx2<3>(xr, K, q, s, group, yr, N, n0, n1); break;
-            default: q8_block_avx2<4>(xr, K, q, s, group, yr, N, n0, n1);
+            case 1: q8_block_avx2<1>(a, r, K, q, s, group, y, N, n0, n1); break;
+            case 2: q8_block_avx2<2>(a, r, K, q, s, group, y, N, n0, n1); break;
+            case 3: q8_block_avx2<3>(a, r, K, q, s, group, y, N, n0, n1); break;
+            default: q8_block_avx2<4>(a, r, K, q, s, group, y, N, n0, n1);
         }
     }
 }
@@ -195,33 +193,43 @@ at::Tensor q4_linear_impl(const at::Tensor& x, const at::Tensor& qs, const at::T
                           bool simd) {
     const int64_t N = qs.size(0), K = qs.size(1) * 2, M = x.size(0), G = K / 32;
     check_x(x, K);
-    TORCH_CHECK(K % 32 == 0 && qs.scalar_type() == at::kByte && d.scalar_type() == at::kHalf &&
-                m.scalar_type() == at::kHalf && d.size(1) == G && m.size(1) == G, "bad q4 weight layout");
+    TORCH_CHECK(K % 32 == 0 && qs.scalar_type() == at::kByte && d.scalar_type() == at::kFloat &&
+                m.scalar_type() == at::kFloat && d.size(1) == G && m.size(1) == G, "bad q4 weight layout");
     auto y = at::empty({M, N}, x.options());
-    std::vector<float> xsum(M * G, 0.f);  // each group's sum of x, for the m * sum(x) terms
     const float* xp = x.data_ptr<float>();
-    for (int64_t i = 0; i < M * K; ++i) xsum[i / 32] += xp[i];
-    const auto* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
-    const auto* mp = reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>());
-    const bool fast = use_avx2(simd);
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-        (fast ? q4_rows_avx2 : q4_rows_plain)(xp, xsum.data(), M, K,
-                                              qs.data_ptr<uint8_t>(), dp, mp, y.data_ptr<float>(), N, n0, n1);
-    });
+    const float *dp = d.data_ptr<float>(), *mp = m.data_ptr<float>();
+    if (use_avx2(simd)) {
+        const Activations a = to_fixed_point(xp, M, K);
+        at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+            q4_rows_avx2(a, M, K, qs.data_ptr<uint8_t>(), dp, mp, y.data_ptr<float>(), N, n0, n1);
+        });
+    } else {
+        std::vector<float> xsum(M * G, 0.f);  // each group's sum of x, for the m * sum(x) terms
+        for (int64_t i = 0; i < M * K; ++i) xsum[i / 32] += xp[i];
+        at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+            q4_rows_plain(xp, xsum.data(), M, K, qs.data_ptr<uint8_t>(), dp, mp, y.data_ptr<float>(), N, n0, n1);
+        });
+    }
     return y;
 }
 
 at::Tensor q8_linear_impl(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, bool simd) {
     const int64_t N = q.size(0), K = q.size(1), M = x.size(0), group = K / s.size(1);
     check_x(x, K);
-    TORCH_CHECK(q.scalar_type() == at::kChar && s.scalar_type() == at::kFloat && K % s.size(1) == 0 &&
-                group % 8 == 0, "bad q8 weight layout");
+    TORCH_CHECK(q.scalar_type() == at::kChar && s.scalar_type() == at::kFloat && K % 32 == 0 &&
+                (s.size(1) == 1 || s.size(1) == K / 32), "bad q8 weight layout: one scale per row or per 32");
     auto y = at::empty({M, N}, x.options());
-    const bool fast = use_avx2(simd);
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-        (fast ? q8_rows_avx2 : q8_rows_plain)(x.data_ptr<float>(), M, K, q.data_ptr<int8_t>(),
-                                              s.data_ptr<float>(), group, y.data_ptr<float>(), N, n0, n1);
-    });
+    const float* xp = x.data_ptr<float>();
+    if (use_avx2(simd)) {
+        const Activations a = to_fixed_point(xp, M, K);
+        at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+            q8_rows_avx2(a, M, K, q.data_ptr<int8_t>(), s.data_ptr<float>(), group, y.data_ptr<float>(), N, n0, n1);
+        });
+    } else {
+        at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+            q8_rows_plain(xp, M, K, q.data_ptr<int8_t>(), s.data_ptr<float>(), group, y.data_ptr<float>(), N, n0, n1);
+        });
+    }
     return y;
 }
 

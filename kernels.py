@@ -20,7 +20,8 @@ import torch.nn.functional as F
 # Inductor on CPU: freezing folds the weights into the graph and prepacks them (MKL for fp32, oneDNN for bf16);
 # concat_linear fuses q/k/v and gate/up into one GEMM each; emulate_precision_casts rounds bf16 where eager does,
 # so that greedy tokens stay close to the plain path's.
-CPU_DECODE_COMPILE_OPTIONS = {"freezing": True, "cpp.enable_concat_linear": True, "emulate_precision_casts": True}
+CPU_DECODE_COMPILE_OPTIONS = {"freezing": True, "cpp.enable_concat_linear": True, "emulate_precision_casts": True,
+                              "cpp_wrapper": True}
 
 # Rows from which a bf16 GEMM pays to run in fp32 (measured on SmolLM2 decode): eager code widens the weights on
 # every call, which pays from about 128 rows; a frozen compiled step widens them once, into its constants.
@@ -121,13 +122,22 @@ def compile_decode_step(model: nn.Module):
         else:
             import torch._inductor.config as inductor_config
 
-            compiled = torch.compile(model.decode_step, fullgraph=True, dynamic=False)
+            # Module guards go: the weights are frozen into the graph, so they could not change what it does.
+            compiled = torch.compile(model.decode_step, fullgraph=True, dynamic=False,
+                                     options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
-            def frozen_decode_step(*args):
+            compiled_shapes = set()
+
+            def frozen_decode_step(tokens, positions, kv_cache):
                 # A config patch, not torch.compile(options=...): freezing set through options is not seen by
-                # the compile and the step stays unfrozen (measured: 40% slower).
+                # the compile and the step stays unfrozen (measured: 40% slower). Only a new shape compiles.
+                shape = (tuple(tokens.shape), tuple(kv_cache[0][0].shape), kv_cache[0][0].dtype)
+                if shape in compiled_shapes:
+                    return compiled(tokens, positions, kv_cache)
                 with inductor_config.patch(CPU_DECODE_COMPILE_OPTIONS):
-                    return compiled(*args)
+                    logits = compiled(tokens, positions, kv_cache)
+                compiled_shapes.add(shape)
+                return logits
             model._compiled_decode = frozen_decode_step
     return model._compiled_decode
 
@@ -209,6 +219,34 @@ class QuantLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
+class FusedProjections(nn.Module):
+    """Projections of the same input (q, k, v; or gate, up) as one quantized matmul: one kernel call, and one
+    conversion of x, instead of several. Its members' weights become views of the fused ones."""
+
+    def __init__(self, layers: list[QuantLinear]):
+        super().__init__()
+        self.sizes = [layer.out_features for layer in layers]
+        names = ("qs", "d", "m") if layers[0].fmt == "q4" else ("q", "s")
+        self.fused = QuantLinear(layers[0].fmt, sum(self.sizes), layers[0].in_features,
+                                 **{n: torch.cat([getattr(layer, n) for layer in layers]) for n in names})
+        start = 0
+        for layer in layers:
+            for n in names:
+                setattr(layer, n, getattr(self.fused, n)[start:start + layer.out_features])
+            start += layer.out_features
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.fused(x).split(self.sizes, dim=-1)
+
+
+def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Each layer applied to x: in one fused call where quantize_model fused these layers, else one by one."""
+    group = getattr(layers[0], "group", None)
+    if group is not None and len(group.sizes) == len(layers):
+        return group(x)
+    return tuple(layer(x) for layer in layers)
+
+
 class QuantEmbedding(nn.Module):
     """The token lookup of a tied embedding whose matrix is quantized for the head: rows dequantized."""
 
@@ -228,7 +266,7 @@ def quantize_q4(w: torch.Tensor) -> QuantLinear:
     d = (high - low) / 15
     q = ((groups - low[..., None]) / torch.where(d > 0, d, 1)[..., None] + 0.5).floor().clamp(0, 15).to(torch.uint8)
     qs = (q[..., :16] | (q[..., 16:] << 4)).reshape(N, K // 2)
-    return QuantLinear("q4", N, K, qs=qs.contiguous(), d=d.half(), m=low.half())
+    return QuantLinear("q4", N, K, qs=qs.contiguous(), d=d.half().float(), m=low.half().float())
 
 
 def quantize_q8(w: torch.Tensor) -> QuantLinear:
@@ -247,7 +285,7 @@ def from_gguf_blocks(kind: str, data: torch.Tensor, shape: tuple[int, int]) -> Q
         return QuantLinear("q8", N, K, q=blocks[..., 2:].contiguous().view(torch.int8).view(N, K), s=scale.float())
     low = blocks[..., 2:4].contiguous().view(torch.float16).view(N, K // 32) if kind == "Q4_1" else -8 * scale
     qs = blocks[..., -16:].contiguous().view(N, K // 2)
-    return QuantLinear("q4", N, K, qs=qs, d=scale.contiguous(), m=low.contiguous())
+    return QuantLinear("q4", N, K, qs=qs, d=scale.float(), m=low.float())  # fp16 to fp32 is exact
 
 
 def quantize_model(model: nn.Module, mode: str, gguf_blocks: dict | None = None) -> nn.Module:
@@ -275,6 +313,15 @@ def quantize_model(model: nn.Module, mode: str, gguf_blocks: dict | None = None)
         setattr(model.get_submodule(parent) if parent else model, child, layer.to(module.weight.device))
     if model.config.tie_embeddings:
         model.embed_tokens = QuantEmbedding(model.lm_head)
+    for block in model.layers:
+        for parent, names in ((block.self_attn, ("q_proj", "k_proj", "v_proj")), (block.mlp, ("gate_proj", "up_proj"))):
+            layers = [getattr(parent, n) for n in names]
+            if len({(layer.fmt, layer.in_features, tuple(layer.s.shape[1:]) if layer.fmt == "q8" else None)
+                    for layer in layers}) == 1:  # one format and layout: they can be one matmul
+                group = FusedProjections(layers)
+                for layer in layers:
+                    object.__setattr__(layer, "group", group)  # not a child: the group is registered once, below
+                parent.fused = group
     return model
 
 

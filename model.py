@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config import ModelConfig
-from kernels import Linear
+from kernels import Linear, project
 
 IGNORE_INDEX = -100  # targets with this value do not count in the loss (padding)
 
@@ -105,9 +105,10 @@ class Attention(nn.Module):
         one engine step's tokens, flat (B == 1), part after part; their keys and values go into kv, this
         layer's (k_cache, v_cache), and each part attends over the cache its own way."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # no-op unless autocast or a bf16 model
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if parts is None:
@@ -141,7 +142,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
