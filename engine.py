@@ -106,9 +106,10 @@ class Engine:
         self.compiled = compile and use_cache
         self.waiting: deque[Request] = deque()
         self.lock = threading.Lock()  # add() may come from other threads
-        # prefill_s: passes with prompt chunks only; decode_s: passes that made tokens (chunks may ride along)
+        # prefill_s: passes with prompt chunks only; decode_s: passes that made tokens (chunks may ride along);
+        # compile_s: torch.compile's time in them, left out of both
         self.stats = {"prefill_tokens": 0, "prefill_s": 0.0, "new_tokens": 0, "decode_s": 0.0, "steps": 0,
-                      "decode_steps": 0, "decoded_row_steps": 0}
+                      "decode_steps": 0, "decoded_row_steps": 0, "compile_s": 0.0}
 
     # --- the public surface ------------------------------------------------------------------------
     def add(self, request: Request) -> Request:
@@ -212,7 +213,7 @@ class Engine:
         read of the weights. Every row takes part in the decode part (static shapes); a row without a token
         writes a slot that is written again before it is read: a free row its slot 0, a prompt still going in
         the slot after its chunk. The compiled decode step takes the decode part alone, after the chunks."""
-        t0 = time.perf_counter()
+        t0, compiling = time.perf_counter(), getattr(self.model, "compile_seconds", 0.0)
         ahead = {i: len(c) for i, _, c in chunks}
         decode = prefill = decode_logits = prefill_logits = None
         if chunks:
@@ -249,7 +250,9 @@ class Engine:
                 done.append(b)
         first = self._sample([chunks[b][0] for b in done], prefill_logits[done]) if done else []
         nexts = self._sample(live, decode_logits[live]) if live else []
-        self.stats["decode_s" if live else "prefill_s"] += time.perf_counter() - t0
+        compiled = getattr(self.model, "compile_seconds", 0.0) - compiling
+        self.stats["compile_s"] += compiled
+        self.stats["decode_s" if live else "prefill_s"] += time.perf_counter() - t0 - compiled
         self.stats["prefill_tokens"] += sum(len(c) for _, _, c in chunks)
         if live:
             self.stats["decode_steps"] += 1

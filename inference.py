@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 from checkpoint import CheckpointError, config_and_tokenizer, load_checkpoint, model_from_checkpoint
 from config import ArgumentParser, exit_with_error, positive
 from engine import Engine, Request
-from kernels import quantize_model
+from kernels import compile_cache_hits, quantize_model
 from model import GPT
 from tokenizer import Tokenizer
 
@@ -138,8 +138,9 @@ def load_model(checkpoint: str, device: str, dtype: str, quantize: str | None = 
     return model, tok
 
 
-def make_engine(model: GPT, tok: Tokenizer, args: argparse.Namespace, max_len: int) -> Engine:
-    return Engine(model, rows=args.batch_size, max_len=max_len, tokenizer=tok, compile=args.compile,
+def make_engine(model: GPT, tok: Tokenizer, args: argparse.Namespace, max_len: int, prompts: int) -> Engine:
+    """An engine of --batch-size rows, or fewer when there are fewer prompts (every row costs a step)."""
+    return Engine(model, rows=min(args.batch_size, prompts), max_len=max_len, tokenizer=tok, compile=args.compile,
                   batching=args.batching, use_cache=not args.no_kv_cache)
 
 
@@ -163,7 +164,8 @@ class InOrder:
 
 def speed_report(engine: Engine, requests: int, wall: float) -> dict:
     s = engine.summary()
-    return {"prefill_tokens_per_s": s["prefill_tokens"] / max(s["prefill_s"], 1e-9),
+    compiled = {"compile_s": s["compile_s"], "compile_cache": compile_cache_hits()} if engine.compiled else {}
+    return compiled | {"prefill_tokens_per_s": s["prefill_tokens"] / max(s["prefill_s"], 1e-9),
             "decode_tokens_per_s": s["new_tokens"] / max(s["decode_s"], 1e-9),
             "generated_tokens_per_s": s["new_tokens"] / wall, "wall_s": wall, "batch_size": len(engine.rows),
             "batching": engine.batching, "new_tokens": s["new_tokens"], "prefill_tokens": s["prefill_tokens"],
@@ -178,7 +180,7 @@ def generate_all(model: GPT, tok: Tokenizer, prompts: list[list[int]], args: arg
     stream(text) gets the completion of a lone prompt piece by piece."""
     rows: list[list[int]] = []
     in_order = InOrder(emit or (lambda i, request: rows.append(request.tokens)))
-    engine = make_engine(model, tok, args, max(len(p) for p in prompts) + args.max_new_tokens)
+    engine = make_engine(model, tok, args, max(len(p) for p in prompts) + args.max_new_tokens, len(prompts))
     on_text = stream if len(prompts) == 1 else None
     t0 = time.perf_counter()
     for request in engine.run(make_request(i, ids, args, on_text) for i, ids in enumerate(prompts)):
@@ -189,7 +191,7 @@ def generate_all(model: GPT, tok: Tokenizer, prompts: list[list[int]], args: arg
 
 
 # --- worker processes on one shared queue -----------------------------------------------------------
-def _worker(rank: int, args: argparse.Namespace, max_len: int, tasks, results) -> None:
+def _worker(rank: int, args: argparse.Namespace, max_len: int, prompts: int, tasks, results) -> None:
     """One process: its own GPU (cuda:rank) or an equal share of the CPU threads. It takes the next prompt
     from the shared queue whenever one of its rows is free, so no worker idles while others have work."""
     if torch.device(args.device).type == "cuda":
@@ -198,7 +200,7 @@ def _worker(rank: int, args: argparse.Namespace, max_len: int, tasks, results) -
         device = "cpu"
         torch.set_num_threads(args.threads_per_proc)
     model, tok = load_model(args.checkpoint, device, args.dtype, args.quantize)
-    engine = make_engine(model, tok, args, max_len)
+    engine = make_engine(model, tok, args, max_len, prompts)
 
     def requests():
         while (task := tasks.get()) is not None:
@@ -223,7 +225,8 @@ def run_workers(args: argparse.Namespace, prompts: list[list[int]],
         tasks.put(None)  # one end marker per worker
     t0 = time.perf_counter()
     max_len = max(len(p) for p in prompts) + args.max_new_tokens
-    procs = [ctx.Process(target=_worker, args=(rank, args, max_len, tasks, results), daemon=True)
+    share = -(-len(prompts) // n)  # no worker needs more rows than its share of the prompts
+    procs = [ctx.Process(target=_worker, args=(rank, args, max_len, share, tasks, results), daemon=True)
              for rank in range(n)]
     for proc in procs:
         proc.start()

@@ -111,8 +111,8 @@ def create_app(engine: EngineThread, tok: Tokenizer, model_name: str, api_key: s
         for name in UNSUPPORTED:
             if body.get(name) not in (None, False) and not (name == "best_of" and body[name] == 1):
                 raise APIError(400, f"'{name}' is not supported by this server", name)
-        if number(body, "n", 1, 1, 1, integer=True) != 1:
-            raise APIError(400, "'n' must be 1", "n")
+        if body.get("n", 1) != 1:
+            raise APIError(400, f"'n' must be 1 (one completion per request), not {body['n']!r}", "n")
         return body
 
     def generation(body: dict, prompt: str, default_max: int | None) -> Generation:
@@ -233,11 +233,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/")
     p.add_argument("--model-name", default=None, help="the model's id (default: the checkpoint's folder name)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="int8 or int4 weights")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first start)")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        model, tok = load_model(args.checkpoint, device, args.dtype)
+        model, tok = load_model(args.checkpoint, device, args.dtype, args.quantize)
     except CheckpointError as e:
         p.exit(1, f"error: {e}\n")
     path = Path(args.checkpoint)
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     max_len = min(args.max_len, model.config.max_seq_len)
     engine = EngineThread(Engine(model, rows=args.batch_size, max_len=max_len, tokenizer=tok, compile=args.compile))
     print(f"serving {name} ({model.num_params():,} parameters, {args.batch_size} rows of {max_len} tokens, "
-          f"{DTYPES[args.dtype]}) at http://{args.host}:{args.port}/v1", flush=True)
+          f"{args.quantize or DTYPES[args.dtype]}) at http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(create_app(engine, tok, name, args.api_key, args.max_queue), host=args.host, port=args.port,
                 log_level="warning")
 

@@ -248,3 +248,32 @@ def test_chat_template_renders_as_transformers_does(smollm2):
     for messages in CONVERSATIONS:
         want = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert ours.apply_chat_template(messages) == want
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q4_0", "Q8_0"])
+def test_keep_quantized_blocks_run_exactly_as_gguf_stores_them(qtype, small_tokenizer, tmp_path):
+    """convert --keep-quantized, a checkpoint on disk, then --quantize: each layer's weights, dequantized, are
+    the gguf package's dequantization of the file's own blocks, bit for bit (no re-quantizing). The tied
+    embedding, Q8_0 or not, serves both the lookup and the head. The checkpoint file is left as it was."""
+    import hashlib
+
+    import inference
+    from kernels import QuantEmbedding, QuantLinear
+
+    ckpt = ours_ckpt(shrunk(2, True), small_tokenizer)
+    held = write_llama_gguf(tmp_path / "m.gguf", ckpt, small_tokenizer, qtype)
+    done = subprocess.run([sys.executable, "convert.py", "from-gguf", str(tmp_path / "m.gguf"), "--keep-quantized",
+                           "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    digest = hashlib.sha256((tmp_path / "run" / "last.ckpt").read_bytes()).hexdigest()
+    mode = "int8" if qtype == "Q8_0" else "int4"
+    model, _ = inference.load_model(str(tmp_path / "run"), "cpu", "fp32", mode)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear) and "fused" not in name}
+    assert len(layers) == model.config.n_layer * 7 + 1 and isinstance(model.embed_tokens, QuantEmbedding)
+    for name, layer in layers.items():
+        ours = name.replace("embed_tokens.head", "embed_tokens")
+        assert layer.fmt == ("q8" if qtype == "Q8_0" else "q4"), name
+        assert torch.equal(layer.dequantize(), held[f"{ours}.weight"]), name
+    ids = torch.tensor([0, 7, 511])
+    assert torch.equal(model.embed_tokens(ids), held["embed_tokens.weight"][ids])
+    assert hashlib.sha256((tmp_path / "run" / "last.ckpt").read_bytes()).hexdigest() == digest
