@@ -16,8 +16,7 @@ import torch
 
 from checkpoint import CheckpointError
 from config import ArgumentParser, positive
-from engine import Engine, EngineThread, Request
-from inference import encode_prompts, load_model
+from engine import Engine, EngineThread, Request, encode_prompts, load_model
 from tokenizer import Tokenizer
 
 MAX_PROMPT_CHARS = 4000

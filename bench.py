@@ -12,6 +12,7 @@ since they bound every figure here.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
@@ -19,11 +20,12 @@ from pathlib import Path
 
 import torch
 
+import data
 from checkpoint import load_checkpoint, model_from_checkpoint
-from config import ArgumentParser, get_config
+from config import ArgumentParser, ModelConfig, get_config
 from convert import write_hf
-from engine import Engine, Request, generate
-from kernels import bf16_gemms_run_in_fp32
+from engine import Engine, Request, generate, load_model
+from kernels import bf16_gemms_run_in_fp32, quant_ops, quantize_model, quantize_q4, quantize_q8
 from model import GPT
 
 PROMPT_TEXT = ("The quick brown fox jumps over the lazy dog while the sun sets behind the hills and the "
@@ -69,16 +71,43 @@ def machine_facts() -> dict:
     return facts
 
 
-def load_pair(ckpt_path: str, dtype: torch.dtype):
-    """Our model and transformers' model loaded from our to-hf export of the same checkpoint."""
+FORMATS = {"fp32": None, "int8": "int8", "int4": "int4"}  # ours: --quantize
+
+
+def llama_cpp(gguf: str | None, threads: int, n_ctx: int = 1024):
+    """llama.cpp (llama-cpp-python) on a GGUF file, or None where it is not installed or there is no file."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    if not gguf or not str(gguf).endswith(".gguf") or not Path(gguf).is_file():
+        return None
+    return Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, verbose=False,
+                 seed=0)
+
+
+def llama_greedy(llm, prompt: list[int], new_tokens: int) -> list[int]:
+    """llama.cpp's greedy continuation (its own sampler at top_k=1, past end-of-text)."""
+    out = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        out.append(token)
+        if len(out) == new_tokens:
+            return out
+    return out
+
+
+def contenders(ckpt_path: str, threads: int):
+    """Ours in fp32, int8 and int4 (GGUF blocks as they are where the checkpoint kept them), transformers' fp32
+    LlamaForCausalLM from our to-hf export, and llama.cpp on the checkpoint's own GGUF (None if missing)."""
     from transformers import AutoModelForCausalLM
 
     ckpt = load_checkpoint(ckpt_path)
-    ours, tok = model_from_checkpoint(ckpt)
+    ours = {fmt: load_model(ckpt_path, "cpu", "fp32", q)[0] for fmt, q in FORMATS.items()}
+    _, tok = model_from_checkpoint(ckpt)
     with tempfile.TemporaryDirectory() as tmp:
         write_hf(ckpt, Path(tmp))
-        ref = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
-    return ours.to(dtype), ref, tok
+        ref = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    return ours, tok, ref, llama_cpp(ckpt.get("source"), threads)
 
 
 def first_difference(a: list[list[int]], b: list[list[int]]) -> int | None:
@@ -87,52 +116,142 @@ def first_difference(a: list[list[int]], b: list[list[int]]) -> int | None:
     return min((d for d in diffs if d is not None), default=None)
 
 
-def bench_generate(ckpt_path: str, batches: list[int], new_tokens: int) -> list[dict]:
+def bench_decode(ckpt_path: str, batches: list[int], new_tokens: int, threads: int) -> list[dict]:
+    """Greedy decode of 16-token prompts: ours in fp32/int8/int4, plain and compiled, transformers and llama.cpp
+    (batch 1: llama-cpp-python decodes one sequence), timed in turns. Tokens per second count prefill too."""
+    ours, tok, ref, llm = contenders(ckpt_path, threads)
+    prompt = tok.encode(PROMPT_TEXT)[:16]
     rows = []
-    for dname, dtype in DTYPES.items():
-        ours, ref, tok = load_pair(ckpt_path, dtype)
-        prompt = tok.encode(PROMPT_TEXT)[:16]
-        for batch in batches:
-            prompts = [prompt] * batch
-            ids = torch.tensor(prompts)
-            outputs = {}
+    for batch in batches:
+        prompts, ids, outputs = [prompt] * batch, torch.tensor([prompt] * batch), {}
 
-            def run_ours(compile: bool):
-                outputs[compile] = generate(ours, prompts, new_tokens, compile=compile)[0]
+        def run_ours(model, compile, name):
+            outputs[name] = generate(model, prompts, new_tokens, compile=compile)[0]
 
-            def run_ref():
-                with torch.inference_mode():
-                    ref.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_id)
-
-            seconds, warmups = timed_interleaved({"ours": lambda: run_ours(False), "ours_compiled":
-                                                  lambda: run_ours(True), "ref": run_ref}, 2 if batch >= 32 else 3)
-            row = {"batch": batch, "dtype": dname, **{f"{k}_tok_s": batch * new_tokens / v for k, v in seconds.items()},
-                   "compile_warmup_s": warmups["ours_compiled"],
-                   "compiled_first_difference": first_difference(outputs[True], outputs[False])}
-            row["ratio"] = row["ours_compiled_tok_s"] / row["ref_tok_s"]
-            rows.append(row)
-            same = row["compiled_first_difference"]
-            print(f"generate {dname} batch {batch:2}: ours {row['ours_tok_s']:7.1f}  compiled "
-                  f"{row['ours_compiled_tok_s']:7.1f} tok/s  transformers {row['ref_tok_s']:7.1f}  "
-                  f"x{row['ratio']:.2f}  compiled tokens: {'same' if same is None else f'differ from {same}'}")
+        def run_ref():
+            with torch.inference_mode():
+                ref.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_id)
+        fns = {f"ours {fmt}{' compiled' * c}": (lambda m=m, c=c, n=f"{fmt}{c}": run_ours(m, c, n))
+               for fmt, m in ours.items() for c in (False, True)}
+        fns["transformers fp32"] = run_ref
+        if llm is not None and batch == 1:
+            fns["llama.cpp Q4_1"] = lambda: outputs.__setitem__("llama.cpp", [llama_greedy(llm, prompt, new_tokens)])
+        seconds, warmups = timed_interleaved(fns, 2 if batch >= 32 else 3)
+        row = {"batch": batch, "new_tokens": new_tokens, "first_call_s": warmups,
+               "tok_s": {k: batch * new_tokens / v for k, v in seconds.items()},
+               "llama.cpp": "not installed" if llm is None else
+               "measured" if batch == 1 else "no batched decode in llama-cpp-python",
+               "compiled_first_difference": {fmt: first_difference(outputs[f"{fmt}True"], outputs[f"{fmt}False"])
+                                             for fmt in ours}}
+        if "llama.cpp" in outputs:
+            row["int4_vs_llama_cpp_first_difference"] = first_difference(outputs["int4True"], outputs["llama.cpp"])
+        best = max((k for k in row["tok_s"] if k.startswith("ours")), key=row["tok_s"].get)
+        row["best_ours"] = best
+        row["best_vs_transformers"] = row["tok_s"][best] / row["tok_s"]["transformers fp32"]
+        if "llama.cpp Q4_1" in row["tok_s"]:
+            row["best_vs_llama_cpp"] = row["tok_s"][best] / row["tok_s"]["llama.cpp Q4_1"]
+        rows.append(row)
+        print(f"decode batch {batch}: " + "  ".join(f"{k} {v:.1f}" for k, v in row["tok_s"].items()) +
+              f"  | best {best}: x{row['best_vs_transformers']:.2f} transformers" +
+              (f", x{row['best_vs_llama_cpp']:.2f} llama.cpp" if "best_vs_llama_cpp" in row else ""))
     return rows
 
 
-def bench_prefill(ckpt_path: str, batch: int = 8, length: int = 512) -> list[dict]:
+def bench_prefill(ckpt_path: str, threads: int, length: int = 512) -> list[dict]:
+    """A 512-token prompt through each model (last-position logits): ours (quantized layers run their GEMM on
+    the dequantized weights at this size), transformers, llama.cpp."""
+    ours, _, ref, llm = contenders(ckpt_path, threads)
+    ids = torch.randint(0, ref.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    fns = {f"ours {fmt}": (lambda m=m: m(ids, last_only=True)) for fmt, m in ours.items()}
+    fns["transformers fp32"] = lambda: ref(ids, logits_to_keep=1)
+    if llm is not None:
+        fns["llama.cpp Q4_1"] = lambda: (llm.reset(), llm.eval(ids[0].tolist()))
+    with torch.inference_mode():
+        seconds, _ = timed_interleaved(fns)
+    row = {"tokens": length, "tok_s": {k: length / v for k, v in seconds.items()},
+           "llama.cpp": "not installed" if llm is None else "measured"}
+    print(f"prefill 1x{length}: " + "  ".join(f"{k} {v:.0f}" for k, v in row["tok_s"].items()))
+    return [row]
+
+
+def bench_gemv(ckpt_path: str) -> list[dict]:
+    """The matmuls of one decode token at batch 1 (all layers and the head, SmolLM2's shapes), one kernel
+    after another: fp32, our int4/int8 kernels (AVX2 and the plain fallback) and aten's weight-only kernels
+    (int8: _weight_int8pack_mm; int4 group 32: _weight_int4pack_mm_for_cpu), with bf16 or fp32 activations."""
+    cfg = ModelConfig(**load_checkpoint(ckpt_path, mmap=True)["config"])
+    d, h = cfg.d_model, cfg.n_kv_head * cfg.head_dim
+    shapes = [(d, d), (h, d), (h, d), (d, d), (cfg.ffn_hidden, d), (cfg.ffn_hidden, d), (d, cfg.ffn_hidden)]
+    shapes, head = shapes * cfg.n_layer, (cfg.vocab_size, d)
+    g = torch.Generator().manual_seed(0)
+    weights = {s: torch.randn(*s, generator=g) / s[1] ** 0.5 for s in set(shapes) | {head}}
+    x = {k: torch.randn(1, k, generator=g) for k in (d, cfg.ffn_hidden)}
+    q4, q8 = ({s: make(w) for s, w in weights.items()} for make in (quantize_q4, quantize_q8))
+    ops = quant_ops()
+
+    def int4pack(w):  # aten's int4 layout: scales and zero points per group of 32 (w = (q - 8) * s + z)
+        groups = w.view(w.size(0), -1, 32)
+        low, step = groups.amin(-1), (groups.amax(-1) - groups.amin(-1)) / 15
+        q = ((groups - low[..., None]) / step[..., None]).round().clamp(0, 15).to(torch.int32).view_as(w)
+        scales_and_zeros = torch.stack([step.t(), (low + 8 * step).t()], -1)
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_and_zeros
+    packed4 = {s: int4pack(w) for s, w in weights.items() if s != head}
+    every = shapes + [head]
+    fns = {"fp32": [lambda s=s: torch.nn.functional.linear(x[s[1]], weights[s]) for s in every]}
+    for simd in ("", "_plain"):
+        fns[f"ours int4{simd or ' AVX2'}"] = [lambda s=s, simd=simd: getattr(ops, f"q4_linear{simd}")(
+            x[s[1]], q4[s].qs, q4[s].d, q4[s].m) for s in shapes] + \
+            [lambda simd=simd: getattr(ops, f"q8_linear{simd}")(x[d], q8[head].q, q8[head].s)]
+        fns[f"ours int8{simd or ' AVX2'}"] = [lambda s=s, simd=simd: getattr(ops, f"q8_linear{simd}")(
+            x[s[1]], q8[s].q, q8[s].s) for s in every]
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        fns[f"aten int8pack, {name} x"] = [lambda s=s, t=dtype: torch.ops.aten._weight_int8pack_mm(
+            x[s[1]].to(t), q8[s].q, q8[s].s.view(-1).to(t)) for s in every]
+        fns[f"aten int4pack, {name} x (head int8)"] = [lambda s=s, t=dtype: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x[s[1]].to(t), packed4[s][0], 32, packed4[s][1].to(t)) for s in shapes] + \
+            [lambda t=dtype: torch.ops.aten._weight_int8pack_mm(x[d].to(t), q8[head].q, q8[head].s.view(-1).to(t))]
+    seconds, _ = timed_interleaved({k: (lambda calls=calls: [c() for c in calls]) for k, calls in fns.items()})
+    row = {"ms_per_token": {k: 1000 * v for k, v in seconds.items()}, "matmuls": len(every)}
+    print("gemv ms per token: " + "  ".join(f"{k} {v:.1f}" for k, v in row["ms_per_token"].items()))
+    return [row]
+
+
+def bench_quality(ckpt_paths: list[str], new_tokens: int = 128) -> list[dict]:
+    """What quantizing costs: bits per byte on the Shakespeare validation split (hamlet + tempest, evaluate()
+    of train.py) and greedy agreement with fp32 over 128 tokens (8 chat prompts, raw text), for int8 and int4
+    quantized from the fp32 weights, and int4 from the GGUF's own blocks where the checkpoint kept them."""
+    from train import evaluate
+
     rows = []
-    for dname, dtype in DTYPES.items():
-        ours, ref, _ = load_pair(ckpt_path, dtype)
-        idx = torch.randint(0, ours.config.vocab_size, (batch, length))
-        with torch.inference_mode():
-            seconds, _ = timed_interleaved({"ours": lambda: ours(idx, last_only=True),
-                                            "ref": lambda: ref(idx, logits_to_keep=1)})
-        row = {"dtype": dname, "tokens": batch * length, **{f"{k}_tok_s": batch * length / v
-                                                            for k, v in seconds.items()}}
-        row["ratio"] = row["ours_tok_s"] / row["ref_tok_s"]
-        rows.append(row)
-        print(f"prefill {dname} {batch}x{length}: ours {row['ours_tok_s']:8.0f} tok/s   "
-              f"transformers {row['ref_tok_s']:8.0f} tok/s   x{row['ratio']:.2f}")
+    for path in ckpt_paths:
+        ckpt = load_checkpoint(path)
+        base, tok = model_from_checkpoint(ckpt)
+        seq = min(512, base.config.max_seq_len)
+        tokens_dir = Path("data") / f"shakespeare-{data.tokenizer_hash(tok)}"
+        meta = data.prepare("shakespeare", tok, tokens_dir, splits=("val",))
+        chunks = data.Chunks(data.load_shards(tokens_dir, meta, "val"), seq)
+        lengths = data.token_byte_lengths(tok)
+        prompts = [tok.encode(t) for t in (Path(__file__).parent / "prompts" / "chat.txt").read_text().splitlines()[:8]]
+        variants = {"fp32": {}, "int8": {"mode": "int8"}, "int4": {"mode": "int4"}}
+        if ckpt.get("gguf_blocks"):
+            variants["int4, GGUF blocks"] = {"mode": "int4", "gguf_blocks": ckpt["gguf_blocks"]}
+        greedy, fp32_bpb = {}, None
+        for name, how in variants.items():
+            model, _ = model_from_checkpoint(ckpt)
+            if how:
+                quantize_model(model, how["mode"], how.get("gguf_blocks"))
+            with torch.inference_mode():
+                loss, bpb = evaluate(model, chunks, lengths, 8, contextlib.nullcontext(), 0, 1, torch.device("cpu"))
+            greedy[name] = generate(model, prompts, new_tokens, batch_size=8)[0]
+            same = [next((i for i, (a, b) in enumerate(zip(r, f)) if a != b), new_tokens)
+                    for r, f in zip(greedy[name], greedy["fp32"])]
+            row = {"checkpoint": str(path), "variant": name, "val_loss": loss, "val_bpb": bpb,
+                   "greedy_agreement": sum(same) / len(same) / new_tokens}
+            fp32_bpb = fp32_bpb or bpb  # the first variant is fp32
+            row["bpb_vs_fp32"] = bpb / fp32_bpb
+            rows.append(row)
+            print(f"quality {Path(path).name} {name:18}: val bits/byte {bpb:.4f} (x{row['bpb_vs_fp32']:.4f} fp32), "
+                  f"greedy tokens the same as fp32 for {row['greedy_agreement']:.0%} of {new_tokens}")
     return rows
 
 
@@ -239,22 +358,52 @@ def bars(ax, rows: list[dict], labels: list[str]) -> None:
     ax.grid(alpha=0.3, axis="y")
 
 
-def plot_generate(rows: list[dict], ax_grid):
-    fig, axes = ax_grid(1, 2, figsize=(11, 4), sharey=True)
-    for ax, dname in zip(axes, DTYPES):
-        mine = [r for r in rows if r["dtype"] == dname]
-        bars(ax, mine, [str(r["batch"]) for r in mine])
-        ax.set(title=f"SmolLM2-135M greedy, 128 new tokens, {dname}", xlabel="batch size", yscale="log")
-    axes[0].set_ylabel("generated tokens/s")
-    axes[0].legend()
+def named_bars(ax, values: dict, unit: str) -> None:
+    """One bar per contender, ours in one colour, the peers in another, each with its figure."""
+    names = list(values)
+    colours = ["tab:blue" if n.startswith("ours") else "tab:orange" for n in names]
+    ax.bar(range(len(names)), [values[n] for n in names], color=colours)
+    ax.set_xticks(range(len(names)), [n.replace(" ", "\n", 2) for n in names], fontsize=7)
+    for i, n in enumerate(names):
+        ax.text(i, values[n], f"{values[n]:.1f}" if values[n] < 100 else f"{values[n]:.0f}", ha="center",
+                va="bottom", fontsize=7)
+    ax.set_ylabel(unit)
+    ax.grid(alpha=0.3, axis="y")
+
+
+def plot_decode(rows: list[dict], ax_grid):
+    fig, axes = ax_grid(1, len(rows), figsize=(6 * len(rows), 4.5), squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        named_bars(ax, row["tok_s"], "generated tokens/s")
+        ax.set_title(f"SmolLM2-135M, greedy, batch {row['batch']}, {row['new_tokens']} new tokens")
     return fig
 
 
-def plot_prefill_or_train(rows: list[dict], ax_grid):
+def plot_prefill(rows: list[dict], ax_grid):
+    fig, ax = ax_grid(figsize=(8, 4))
+    named_bars(ax, rows[0]["tok_s"], "prompt tokens/s")
+    ax.set_title(f"Prefill of a {rows[0]['tokens']}-token prompt (SmolLM2-135M)")
+    return fig
+
+
+def plot_gemv(rows: list[dict], ax_grid):
+    fig, ax = ax_grid(figsize=(10, 4))
+    named_bars(ax, rows[0]["ms_per_token"], "ms per token")
+    ax.set_title(f"The {rows[0]['matmuls']} matmuls of one SmolLM2 token at batch 1, by kernel (lower is better)")
+    return fig
+
+
+def plot_quality(rows: list[dict], ax_grid):
+    fig, ax = ax_grid(figsize=(8, 4))
+    named_bars(ax, {f"{Path(r['checkpoint']).name}\n{r['variant']}": r["val_bpb"] for r in rows}, "val bits/byte")
+    ax.set_title("Validation bits per byte (Shakespeare: hamlet + tempest)")
+    return fig
+
+
+def plot_train(rows: list[dict], ax_grid):
     fig, ax = ax_grid(figsize=(9, 4))
-    bars(ax, rows, [f"prefill {r['dtype']}" if "tokens" in r else f"train {r['config']}\n{r['dtype']}" for r in rows])
-    ax.set(ylabel="tokens/s", yscale="log",
-           title="Prefill 8x512 (last-position logits)" if "tokens" in rows[0] else "Training steps (batch 8 x 256)")
+    bars(ax, rows, [f"train {r['config']}\n{r['dtype']}" for r in rows])
+    ax.set(ylabel="tokens/s", yscale="log", title="Training steps (batch 8 x 256)")
     ax.legend()
     return fig
 
@@ -276,10 +425,13 @@ def plot_engine(rows: list[dict], ax_grid):
 
 
 SECTIONS = {  # name: (run it, plot it)
-    "generate": (lambda a: bench_generate(a.checkpoint, a.batches, a.new_tokens), plot_generate),
-    "prefill": (lambda a: bench_prefill(a.checkpoint), plot_prefill_or_train),
-    "train": (lambda a: bench_train(), plot_prefill_or_train),
+    "decode": (lambda a: bench_decode(a.checkpoint, a.batches, a.new_tokens, a.threads), plot_decode),
+    "prefill": (lambda a: bench_prefill(a.checkpoint, a.threads), plot_prefill),
+    "gemv": (lambda a: bench_gemv(a.checkpoint), plot_gemv),
+    "quality": (lambda a: bench_quality([a.checkpoint] + [c for c in a.also_checkpoint if Path(c).exists()]),
+                plot_quality),
     "engine": (lambda a: bench_engine(a.checkpoint), plot_engine),
+    "train": (lambda a: bench_train(), plot_train),
 }
 
 
@@ -288,7 +440,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", default="checkpoints/smollm2-135m-instruct",
                    help="real SmolLM2 weights (python convert.py smollm2)")
     p.add_argument("--only", choices=list(SECTIONS), nargs="+", default=list(SECTIONS))
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    p.add_argument("--also-checkpoint", nargs="*", default=["checkpoints/tiny"],
+                   help="more checkpoints for --only quality (fp32 weights of our own, where they exist)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="generated_texts")

@@ -15,6 +15,7 @@ what else is in the batch, or on when it was admitted.
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import deque
@@ -23,9 +24,49 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels import compile_decode_step
+from checkpoint import load_checkpoint, model_from_checkpoint
+from kernels import compile_decode_step, quantize_model
 from model import GPT
 from tokenizer import StreamDecoder, Tokenizer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_model(checkpoint: str, device: str, dtype: str, quantize: str | None = None) -> tuple[GPT, Tokenizer]:
+    """The model and tokenizer of a checkpoint; quantize: int8 or int4 weights (a load-time choice)."""
+    ckpt = load_checkpoint(checkpoint)
+    model, tok = model_from_checkpoint(ckpt, device)
+    model = model.to(DTYPES[dtype])
+    if quantize:
+        quantize_model(model, quantize, ckpt.get("gguf_blocks"))
+    return model, tok
+
+
+def encode_prompts(tok: Tokenizer, prompts: list[str], max_new_tokens: int, context: int,
+                   chat: bool = False, truncate: bool = False) -> list[list[int]]:
+    """Token ids per prompt (wrapped in the chat template with chat=True). An empty prompt is an error;
+    an over-long one is an error too, unless truncate=True keeps its last tokens."""
+    for i, text in enumerate(prompts):
+        if not text:
+            raise ValueError(f"prompt {i + 1} is empty; give at least one character of text")
+    if chat:
+        prompts = [tok.apply_chat_template([{"role": "user", "content": text}]) for text in prompts]
+    if max_new_tokens >= context:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the "
+                         f"{context}-token context window; use at most {context - 1}")
+    room = context - max_new_tokens
+    encoded = []
+    for i, ids in enumerate(tok.encode_batch(prompts)):
+        if len(ids) > room:
+            if not truncate:
+                raise ValueError(f"prompt {i + 1} has {len(ids)} tokens but only {room} fit before "
+                                 f"{max_new_tokens} new tokens in the {context}-token context; shorten it, "
+                                 f"lower --max-new-tokens, or pass --truncate to keep its end")
+            print(f"warning: prompt {i + 1} has {len(ids)} tokens; keeping the last {room} so that "
+                  f"{max_new_tokens} new tokens fit the {context}-token context", file=sys.stderr)
+            ids = ids[-room:]
+        encoded.append(ids)
+    return encoded
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -188,13 +229,13 @@ class Engine:
         free = [i for i, row in enumerate(self.rows) if row is None]
         if self.batching == "static" and len(free) < len(self.rows):
             return  # a static batch admits only when every row of the last one is done
-        with self.lock:
+        with self.lock:  # the lowest rows first: a decode step spans rows up to the highest one in use
             while free and self.waiting:
-                self.rows[free[-1]] = Row(self.waiting.popleft(), self.tok, self.device)
-                if self.rows[free[-1]].request.cancelled:  # given up while it waited
-                    self._finish(free[-1], "cancelled", finished)
+                self.rows[free[0]] = Row(self.waiting.popleft(), self.tok, self.device)
+                if self.rows[free[0]].request.cancelled:  # given up while it waited
+                    self._finish(free[0], "cancelled", finished)
                 else:
-                    free.pop()
+                    free.pop(0)
 
     def _chunks(self) -> list[tuple[int, int, list[int]]]:
         """(row, first slot, tokens) of the next chunk of every prompt still going in: at most prefill_tokens
@@ -210,9 +251,10 @@ class Engine:
 
     def _forward(self, chunks: list[tuple[int, int, list[int]]], live: list[int], finished: list[Request]) -> None:
         """One pass for the step: the prompt chunks and a token for every row that has one waiting share the
-        read of the weights. Every row takes part in the decode part (static shapes); a row without a token
-        writes a slot that is written again before it is read: a free row its slot 0, a prompt still going in
-        the slot after its chunk. The compiled decode step takes the decode part alone, after the chunks."""
+        read of the weights. The decode part spans the rows up to the highest one in use (all rows when
+        compiled: static shapes); a row there without a token writes a slot that is written again before it is
+        read: a free row its slot 0, a prompt still going in the slot after its chunk. The compiled decode step
+        takes the decode part alone, after the chunks."""
         t0, compiling = time.perf_counter(), getattr(self.model, "compile_seconds", 0.0)
         ahead = {i: len(c) for i, _, c in chunks}
         decode = prefill = decode_logits = prefill_logits = None
@@ -226,16 +268,18 @@ class Engine:
                 decode_logits[live] = self._logits_without_cache(
                     [self.rows[i].request.prompt + self.rows[i].request.tokens for i in live])
         else:
+            span = len(self.rows) if self.compiled else 1 + max(i for i, row in enumerate(self.rows) if row)
             if live:
-                tokens = [0 if row is None or row.next_token is None else row.next_token for row in self.rows]
+                rows = self.rows[:span]
+                tokens = [0 if row is None or row.next_token is None else row.next_token for row in rows]
                 positions = [0 if row is None else row.position if row.next_token is not None else
-                             row.filled + ahead.get(i, 0) for i, row in enumerate(self.rows)]
+                             row.filled + ahead.get(i, 0) for i, row in enumerate(rows)]
                 decode = (torch.tensor(tokens, device=self.device), torch.tensor(positions, device=self.device))
             need = max([row.filled + ahead.get(i, 0) for i, row in enumerate(self.rows) if row is not None] +
                        [row.position + 1 for row in self.rows if row is not None and row.next_token is not None])
             length = self.max_len if self.compiled else min(self.max_len, -(-need // 64) * 64)
-            kv = self.model.kv_cache if length == self.max_len else \
-                [(k[:, :, :length], v[:, :, :length]) for k, v in self.model.kv_cache]  # a compiled graph per length
+            kv = self.model.kv_cache if length == self.max_len and span == len(self.rows) else \
+                [(k[:span, :, :length], v[:span, :, :length]) for k, v in self.model.kv_cache]
             if self.compiled:
                 if prefill:
                     prefill_logits = self.model.step(kv, prefill=prefill)[1]

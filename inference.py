@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import queue
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,16 +21,15 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from checkpoint import CheckpointError, config_and_tokenizer, load_checkpoint, model_from_checkpoint
+from checkpoint import CheckpointError, config_and_tokenizer, load_checkpoint
 from config import ArgumentParser, exit_with_error, positive
-from engine import Engine, Request
-from kernels import compile_cache_hits, quantize_model
+from engine import DTYPES, Engine, Request, encode_prompts, load_model
+from kernels import compile_cache_hits
 from model import GPT
 from tokenizer import Tokenizer
 
 SEED_PROMPTS = ["One day, Lily met a Shoggoth", "There was a girl called Rosy", "Once upon a time",
                 "The future of artificial intelligence", "In the distant galaxy"]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_parser() -> ArgumentParser:
@@ -101,41 +99,6 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts or list(SEED_PROMPTS)
 
 
-def encode_prompts(tok: Tokenizer, prompts: list[str], max_new_tokens: int, context: int,
-                   chat: bool = False, truncate: bool = False) -> list[list[int]]:
-    """Token ids per prompt (wrapped in the chat template with chat=True). An empty prompt is an error;
-    an over-long one is an error too, unless truncate=True keeps its last tokens."""
-    for i, text in enumerate(prompts):
-        if not text:
-            raise ValueError(f"prompt {i + 1} is empty; give at least one character of text")
-    if chat:
-        prompts = [tok.apply_chat_template([{"role": "user", "content": text}]) for text in prompts]
-    if max_new_tokens >= context:
-        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the "
-                         f"{context}-token context window; use at most {context - 1}")
-    room = context - max_new_tokens
-    encoded = []
-    for i, ids in enumerate(tok.encode_batch(prompts)):
-        if len(ids) > room:
-            if not truncate:
-                raise ValueError(f"prompt {i + 1} has {len(ids)} tokens but only {room} fit before "
-                                 f"{max_new_tokens} new tokens in the {context}-token context; shorten it, "
-                                 f"lower --max-new-tokens, or pass --truncate to keep its end")
-            print(f"warning: prompt {i + 1} has {len(ids)} tokens; keeping the last {room} so that "
-                  f"{max_new_tokens} new tokens fit the {context}-token context", file=sys.stderr)
-            ids = ids[-room:]
-        encoded.append(ids)
-    return encoded
-
-
-def load_model(checkpoint: str, device: str, dtype: str, quantize: str | None = None) -> tuple[GPT, Tokenizer]:
-    """The model and tokenizer of a checkpoint; quantize: int8 or int4 weights (a load-time choice)."""
-    ckpt = load_checkpoint(checkpoint)
-    model, tok = model_from_checkpoint(ckpt, device)
-    model = model.to(DTYPES[dtype])
-    if quantize:
-        quantize_model(model, quantize, ckpt.get("gguf_blocks"))
-    return model, tok
 
 
 def make_engine(model: GPT, tok: Tokenizer, args: argparse.Namespace, max_len: int, prompts: int) -> Engine:

@@ -22,9 +22,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from checkpoint import CheckpointError
 from config import ArgumentParser, positive
-from engine import Engine, EngineThread
+from engine import DTYPES, Engine, EngineThread, load_model
 from engine import Request as Generation
-from inference import DTYPES, load_model
 from tokenizer import Tokenizer
 
 MAX_BODY_BYTES = 1 << 20     # a request body larger than this is refused (413)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import engine
 import inference
 from checkpoint import save_checkpoint
 from config import get_config
@@ -34,7 +35,7 @@ def ckpt_dir(small_tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(ckpt_dir):
-    return inference.load_model(str(ckpt_dir), "cpu", "fp32")
+    return engine.load_model(str(ckpt_dir), "cpu", "fp32")
 
 
 def gen_args(**kw):

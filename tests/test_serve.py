@@ -13,7 +13,7 @@ import openai
 import pytest
 import torch
 
-import inference
+import engine
 from checkpoint import save_checkpoint
 from config import get_config
 from engine import Engine, Request
@@ -121,7 +121,7 @@ def test_stop_strings_and_seed(client):
 
 def solo_answers(checkpoint, n: int) -> list[str]:
     """Each chat prompt generated alone (one row), greedy, as the reference for the concurrent test."""
-    model, tok = inference.load_model(str(checkpoint), "cpu", "fp32")
+    model, tok = engine.load_model(str(checkpoint), "cpu", "fp32")
     answers = []
     for i in range(n):
         ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": f"{QUESTIONS[i % 4]} {i}"}]))
