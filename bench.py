@@ -1,19 +1,23 @@
-"""Side by side with the reference: our model vs transformers' LlamaForCausalLM on the same weights and inputs,
-in the same run. Writes generated_texts/bench.json and bench_*.png.
+"""Side by side, in one run on one machine: ours against transformers' LlamaForCausalLM (the same weights, from
+our to-hf export) and llama.cpp (llama-cpp-python, on the checkpoint's own GGUF, same threads, greedy), where it
+is installed (make bench-install; otherwise its cells say "not installed"). Each section writes
+generated_texts/bench_<section>.json and .png, with the machine's own matmul and memory rates, which bound
+every figure. Compile time is left out of the rates (a warm-up call first) and reported apart.
 
-"ours" is the plain path; "ours compiled" is the fast path (generate(compile=True): the frozen, prepacked
-torch.compile decode step; for training, torch.compile of the model). Compile time is left out of the rates
-(one warm-up call first) and reported apart. The machine's own matmul and memory rates are measured too,
-since they bound every figure here.
-
-  python bench.py                                   # everything (needs checkpoints/smollm2-135m-instruct)
-  python bench.py --only generate --batches 1 8     # a part
-  python bench.py --only engine                     # continuous vs static batching on the chat workload
+  python bench.py                                  # decode prefill gemv quality engine serve train
+  python bench.py --only decode --batches 1 32     # batch-1 and batch-32 decode: fp32/int8/int4, plain/compiled
+  python bench.py --only engine                    # continuous vs static batching on the chat workload
+  python bench.py --only serve                     # serve.py vs llama.cpp's server at 1/8/32/64 clients
+  python bench.py --only recipes                   # training recipe before vs now, 10 min each (tiny)
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -345,6 +349,148 @@ def bench_engine(ckpt_path: str, rows: int = 32, new_tokens: int = 256) -> list[
     return out
 
 
+async def load_test(url: str, bodies: list[dict], clients: int) -> dict:
+    """`clients` concurrent streaming clients work through the requests in order, each taking the next as soon as
+    its last one is done. Per request: start, the arrival time of each text chunk, the text and any error."""
+    import asyncio
+
+    import httpx
+
+    todo, done = list(enumerate(bodies))[::-1], []
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while todo:
+            i, body = todo.pop()
+            start, stamps, text, error = time.perf_counter(), [], [], None
+            try:
+                async with http.stream("POST", url, json=body) as r:
+                    if r.status_code != 200:
+                        error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            piece = json.loads(line[6:])["choices"][0].get("delta", {}).get("content")
+                            if piece:
+                                stamps.append(time.perf_counter())
+                                text.append(piece)
+            except httpx.HTTPError as e:
+                error = f"{type(e).__name__}: {e}"
+            done.append({"i": i, "start": start, "stamps": stamps, "text": "".join(text), "error": error})
+
+    async with httpx.AsyncClient(timeout=900, limits=httpx.Limits(max_connections=clients)) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    return {"wall_s": time.perf_counter() - t0, "requests": sorted(done, key=lambda d: d["i"])}
+
+
+def start_server(command: list[str], health_url: str, log: Path, threads: int) -> subprocess.Popen:
+    """A server process on `threads` threads, once health_url answers 200 (its log in `log`)."""
+    import httpx
+
+    server = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                              env=os.environ | {"OMP_NUM_THREADS": str(threads)})
+    deadline = time.time() + 900
+    while time.time() < deadline and server.poll() is None:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(health_url, timeout=5).status_code == 200:
+                return server
+        time.sleep(1)
+    server.kill()
+    raise RuntimeError(f"{command[1]} did not start; see {log}")
+
+
+def bench_serve(ckpt_path: str, threads: int, levels: list[int], requests: int = 64, max_tokens: int = 128,
+                rows: int = 32) -> list[dict]:
+    """Load on an OpenAI-compatible server over loopback: `requests` chat prompts (every 4th of prompts/chat.txt:
+    questions, lists and stories), greedy, streamed, at 1/8/32/64 concurrent clients. Ours (serve.py, int4,
+    32 rows) and llama.cpp's server (python -m llama_cpp.server, the same GGUF and threads) in the same run.
+    Tokens are counted by re-encoding each answer with the model's tokenizer, the same for both."""
+    import asyncio
+
+    ckpt = load_checkpoint(ckpt_path, mmap=True)
+    _, tok = model_from_checkpoint(ckpt)
+    texts = (Path(__file__).parent / "prompts" / "chat.txt").read_text().splitlines()[::4][:requests]
+    bodies = [{"messages": [{"role": "user", "content": t}], "max_tokens": max_tokens,
+               "temperature": 0, "stream": True} for t in texts]
+    servers = {"ours (serve.py, int4)": [sys.executable, "serve.py", "--checkpoint", ckpt_path,
+                                         "--port", "8931", "--quantize", "int4", "--batch-size", str(rows)]}
+    gguf = ckpt.get("source")
+    if gguf and Path(gguf).is_file() and all(map(importlib.util.find_spec, ("llama_cpp", "sse_starlette"))):
+        servers["llama.cpp (llama_cpp.server)"] = [
+            sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", "8932",
+            "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "2048",
+            "--interrupt_requests", "False"]  # its default drops a running stream when the next request comes
+    else:
+        print("serve: llama.cpp's server is not installed (make bench-install); ours alone")
+    out = []
+    for name, command in servers.items():
+        port = command[command.index("--port") + 1]
+        server = start_server(command, f"http://127.0.0.1:{port}/v1/models",
+                              Path(tempfile.gettempdir()) / f"bench_serve_{port}.log", threads)
+        try:
+            import httpx
+            model = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
+            bodies = [b | {"model": model} for b in bodies]
+            asyncio.run(load_test(f"http://127.0.0.1:{port}/v1/chat/completions", bodies[:2], 1))  # warm-up
+            for clients in levels:
+                run = asyncio.run(load_test(f"http://127.0.0.1:{port}/v1/chat/completions", bodies, clients))
+                done = run["requests"]
+                ttft = [d["stamps"][0] - d["start"] for d in done if d["stamps"]] or [float("nan")]
+                itl = [b - a for d in done for a, b in zip(d["stamps"], d["stamps"][1:])] or [float("nan")]
+                tokens = sum(len(tok.encode(d["text"])) for d in done)
+                errors = [d["error"] or "no text" for d in done if d["error"] or not d["text"]]
+                row = {"server": name, "clients": clients, "requests": len(done), "errors": len(errors),
+                       "error_examples": errors[:3], "wall_s": run["wall_s"], "req_s": len(done) / run["wall_s"],
+                       "tok_s": tokens / run["wall_s"], "completion_tokens": tokens,
+                       "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
+                       "itl_p50_ms": 1e3 * percentile(itl, 0.5), "itl_p99_ms": 1e3 * percentile(itl, 0.99)}
+                out.append(row)
+                print(f"serve {name:30} {clients:3} clients: {row['req_s']:5.2f} req/s {row['tok_s']:6.1f} tok/s, "
+                      f"TTFT p50 {row['ttft_p50_s']:.2f} p99 {row['ttft_p99_s']:.2f} s, ITL p50 "
+                      f"{row['itl_p50_ms']:.0f} p99 {row['itl_p99_ms']:.0f} ms, {row['errors']} errors")
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    return out
+
+
+# Today's recipe, pinned (what tiny trained with before the recipe work), and the new one: tiny's defaults now.
+RECIPES = {"before": ["--optimizer", "adamw", "--schedule", "cosine", "--lr", "1e-3", "--tokens-per-step", "8192"],
+           "now": []}
+
+
+def bench_recipes(preset: str, minutes: float, repeats: int = 1, eval_every: int = 50) -> list[dict]:
+    """Each recipe trains `preset` from scratch for the same wall-clock budget on this machine, taking turns
+    (before, now, before, now, ...), with the same evaluation code (train.evaluate: bits per byte over the whole
+    validation split, tested against an independent count). A greedy sample of each is kept."""
+    out = []
+    for repeat in range(repeats):
+        for name, flags in RECIPES.items():
+            run = f"{preset}-{name}-{repeat}"
+            command = [sys.executable, "train.py", "--preset", preset, "--time-budget", str(minutes), "--run-name",
+                       run, "--out-dir", "checkpoints/recipes", "--eval-every", str(eval_every), *flags]
+            print(f"recipes: {' '.join(command[1:])}", flush=True)
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            ckpt = load_checkpoint(f"checkpoints/recipes/{run}/last.ckpt")
+            model, tok = model_from_checkpoint(ckpt)
+            prompt = tok.encode("ROMEO.")
+            sample = tok.decode(prompt + generate(model, [prompt], 80)[0][0])
+            h, args = ckpt["history"], ckpt["train_args"]
+            row = {"recipe": name, "preset": preset, "repeat": repeat, "minutes": minutes, "flags": flags,
+                   "optimizer": args["optimizer"], "schedule": args["schedule"], "lr": args["lr"],
+                   "muon_lr": args.get("muon_lr"), "tokens_per_step": args["tokens_per_step"],
+                   "config": ckpt["config"], "steps": ckpt["step"], "elapsed_s": ckpt["elapsed_s"],
+                   "tokens": ckpt["step"] * args["tokens_per_step"], "val_bpb": h["val_bpb"][-1][1],
+                   "curve": [(t, b) for (_, t), (_, b) in zip(h["val_elapsed_s"], h["val_bpb"])],
+                   "sample": sample}
+            out.append(row)
+            print(f"recipes: {name}: val bits/byte {row['val_bpb']:.4f} after {row['steps']} steps, "
+                  f"{row['tokens']:,} tokens in {row['elapsed_s'] / 60:.1f} min", flush=True)
+    for name in RECIPES:
+        mine = [r["val_bpb"] for r in out if r["recipe"] == name]
+        print(f"recipes: {name}: median val bits/byte {sorted(mine)[len(mine) // 2]:.4f} over {len(mine)} runs")
+    return out
+
+
 SERIES = (("ours_tok_s", "ours"), ("ours_compiled_tok_s", "ours compiled"), ("ref_tok_s", "transformers"))
 
 
@@ -400,6 +546,39 @@ def plot_quality(rows: list[dict], ax_grid):
     return fig
 
 
+def plot_serve(rows: list[dict], ax_grid):
+    fig, (left, mid, right) = ax_grid(1, 3, figsize=(16, 4))
+    for name in dict.fromkeys(r["server"] for r in rows):
+        mine = [r for r in rows if r["server"] == name]
+        clients = [r["clients"] for r in mine]
+        left.plot(clients, [r["tok_s"] for r in mine], "o-", label=name)
+        for ax, key, unit in ((mid, "ttft", "_s"), (right, "itl", "_ms")):
+            ax.plot(clients, [r[f"{key}_p50{unit}"] for r in mine], "o-", label=f"{name} p50")
+            ax.plot(clients, [r[f"{key}_p99{unit}"] for r in mine], "o--", label=f"{name} p99")
+    left.set(ylabel="generated tokens/s", title="Throughput (SmolLM2-135M chat, greedy, streamed)")
+    mid.set(ylabel="seconds", yscale="log", title="Time to first token")
+    right.set(ylabel="ms", yscale="log", title="Inter-token latency")
+    for ax in (left, mid, right):
+        ax.set(xlabel="concurrent clients", xscale="log")
+        ax.set_xticks([r["clients"] for r in rows], [str(r["clients"]) for r in rows])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def plot_recipes(rows: list[dict], ax_grid):
+    fig, ax = ax_grid(figsize=(8, 4.5))
+    for row in rows:
+        ax.plot([t / 60 for t, _ in row["curve"]], [b for _, b in row["curve"]], "o-" if row["recipe"] == "now"
+                else "s--", color="tab:blue" if row["recipe"] == "now" else "tab:orange", alpha=0.8,
+                label=f"{row['recipe']} ({row['optimizer']}, {row['schedule']}): {row['val_bpb']:.3f}")
+    ax.set(xlabel="wall-clock minutes", ylabel="validation bits per byte", title=f"{rows[0]['preset']}: the "
+           f"training recipe before and now, {rows[0]['minutes']:g} min each on this machine")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
 def plot_train(rows: list[dict], ax_grid):
     fig, ax = ax_grid(figsize=(9, 4))
     bars(ax, rows, [f"train {r['config']}\n{r['dtype']}" for r in rows])
@@ -431,7 +610,9 @@ SECTIONS = {  # name: (run it, plot it)
     "quality": (lambda a: bench_quality([a.checkpoint] + [c for c in a.also_checkpoint if Path(c).exists()]),
                 plot_quality),
     "engine": (lambda a: bench_engine(a.checkpoint), plot_engine),
+    "serve": (lambda a: bench_serve(a.checkpoint, a.threads, a.clients), plot_serve),
     "train": (lambda a: bench_train(), plot_train),
+    "recipes": (lambda a: bench_recipes(a.recipe_preset, a.recipe_minutes, a.recipe_repeats), plot_recipes),
 }
 
 
@@ -439,12 +620,16 @@ def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(description=__doc__)
     p.add_argument("--checkpoint", default="checkpoints/smollm2-135m-instruct",
                    help="real SmolLM2 weights (python convert.py smollm2)")
-    p.add_argument("--only", choices=list(SECTIONS), nargs="+", default=list(SECTIONS))
+    p.add_argument("--only", choices=list(SECTIONS), nargs="+", default=[s for s in SECTIONS if s != "recipes"])
     p.add_argument("--also-checkpoint", nargs="*", default=["checkpoints/tiny"],
                    help="more checkpoints for --only quality (fp32 weights of our own, where they exist)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64], help="concurrency levels (serve)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--recipe-preset", default="tiny", help="recipes: the model to train")
+    p.add_argument("--recipe-minutes", type=float, default=10, help="recipes: wall-clock budget of each run")
+    p.add_argument("--recipe-repeats", type=int, default=1, help="recipes: turns of each recipe")
     p.add_argument("--out", default="generated_texts")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -458,6 +643,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.only:  # each section writes its own JSON and plot, so one can be run again alone
         run, draw = SECTIONS[name]
         rows = run(args)
+        name += f"_{args.recipe_preset}" if name == "recipes" else ""
         (out / f"bench_{name}.json").write_text(json.dumps({"torch": torch.__version__, "machine": facts,
                                                             "rows": rows}, indent=1))
         draw(rows, plt.subplots).savefig(out / f"bench_{name}.png", dpi=100, bbox_inches="tight")

@@ -57,6 +57,13 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seq-len", type=positive(int), default=None, help="default: the model's max_seq_len")
     p.add_argument("--lr", type=positive(float), default=None, help="peak learning rate (default 5e-4; 1e-3 for tiny)")
     p.add_argument("--min-lr", type=float, default=None, help="default: lr / 10")
+    p.add_argument("--optimizer", choices=["adamw", "muon"], default=None,
+                   help="muon: Muon for the hidden matrices, AdamW for embedding, head and norms (default: adamw)")
+    p.add_argument("--muon-lr", type=positive(float), default=None,
+                   help="Muon's peak learning rate (default: --lr; its update is scaled to AdamW's RMS)")
+    p.add_argument("--schedule", choices=["cosine", "wsd"], default=None,
+                   help="cosine decay, or warmup-stable-decay: flat, then linear to min_lr over --decay-frac")
+    p.add_argument("--decay-frac", type=positive(float), default=0.3, help="wsd: the final fraction that decays")
     p.add_argument("--warmup-frac", type=positive(float), default=0.05, help="warmup, as a fraction of the run")
     p.add_argument("--warmup-steps", type=positive(int), default=None,
                    help="warmup in steps instead of --warmup-frac (runs without --time-budget)")
@@ -81,7 +88,8 @@ def build_parser() -> ArgumentParser:
 
 # Training defaults per preset; flags override them. tiny's were tuned for a 10-minute CPU run (README).
 TRAIN_DEFAULTS = {"tiny": {"tokens_per_step": 8192, "lr": 1e-3}}
-BASE_DEFAULTS = {"tokens_per_step": 100_000, "lr": 5e-4}
+BASE_DEFAULTS = {"tokens_per_step": 100_000, "lr": 5e-4, "optimizer": "adamw", "schedule": "cosine"}
+BEFORE_RECIPES = {"optimizer": "adamw", "schedule": "cosine"}  # what checkpoints without these fields used
 
 
 def resolve_defaults(args: argparse.Namespace, device: torch.device) -> None:
@@ -125,22 +133,62 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 def lr_at(progress: float, args: argparse.Namespace) -> float:
     """The learning rate of a step that ends at `progress`, the fraction of the run done (of its steps, or of
-    --time-budget's wall clock): linear warmup over warmup_frac, cosine decay to min_lr at 1, then min_lr
-    (for --more-steps)."""
+    --time-budget's wall clock): linear warmup over warmup_frac, then cosine decay to min_lr at 1 (or, wsd,
+    flat until the last decay_frac and linear to min_lr at 1), then min_lr (for --more-steps)."""
     if progress < args.warmup_frac:
         return args.lr * progress / args.warmup_frac
     if progress >= 1:
         return args.min_lr
+    if args.schedule == "wsd":
+        decay = max(0.0, (progress - (1 - args.decay_frac)) / args.decay_frac)
+        return args.lr + decay * (args.min_lr - args.lr)
     decay = (progress - args.warmup_frac) / (1 - args.warmup_frac)
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * decay)) * (args.lr - args.min_lr)
 
 
-def make_optimizer(model: GPT, args: argparse.Namespace) -> torch.optim.AdamW:
-    """AdamW; weight matrices and the (tied) embedding decay, RMSNorm gains do not."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
+class MuonAdamW:
+    """Muon for the hidden matrices, AdamW for everything else: stepped together, saved as one state."""
+
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW):
+        self.parts = {"muon": muon, "adamw": adamw}
+
+    @property
+    def param_groups(self) -> list[dict]:  # read anew: load_state_dict replaces the groups
+        return [group for opt in self.parts.values() for group in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.parts.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.parts.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {name: opt.state_dict() for name, opt in self.parts.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, opt in self.parts.items():
+            opt.load_state_dict(state[name])
+
+
+def make_optimizer(model: GPT, args: argparse.Namespace) -> torch.optim.AdamW | MuonAdamW:
+    """AdamW: weight matrices and the (tied) embedding decay, RMSNorm gains do not. Muon: the attention and MLP
+    matrices of every layer go to Muon (orthogonalised momentum, its update scaled to AdamW's RMS so that the
+    two share a schedule); the embedding, an untied head and the norms stay with AdamW. The schedule scales
+    both peak rates (--lr, --muon-lr) alike. Under DDP every rank orthogonalises the same
+    all-reduced gradient, so the ranks stay in step."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for n, p in named if p.dim() == 2 and n.startswith("layers.")] if args.optimizer == "muon" else []
+    rest = [(n, p) for n, p in named if not any(p is h for h in hidden)]
+    groups = [{"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    adamw = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
+    if not hidden:
+        return adamw
+    muon = torch.optim.Muon(hidden, lr=args.muon_lr or args.lr, weight_decay=args.weight_decay,
+                            adjust_lr_fn="match_rms_adamw")
+    return MuonAdamW(muon, adamw)
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, reps: int = 10) -> float:
@@ -267,7 +315,8 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
         if changed:
             raise UsageError(f"{run_dir} was trained with another model config ({', '.join(changed)} differ); "
                              f"drop those flags to resume, or pick a new --run-name")
-        args = argparse.Namespace(**{**vars(args), **ckpt["train_args"], **explicit, "resume": True})
+        args = argparse.Namespace(**{**vars(args), **BEFORE_RECIPES, **ckpt["train_args"], **explicit,
+                                     "resume": True})
         if args.more_steps:  # N steps from the checkpoint; past the schedule's end they run at min_lr
             args.max_steps = ckpt["step"] + args.more_steps
             args.decay_steps = args.decay_steps or ckpt["step"]  # a budget run's schedule ended at its last step
@@ -344,7 +393,7 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
             args.warmup_frac = args.warmup_steps / args.decay_steps
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     start_step = ckpt["step"] if ckpt else 0
-    history = {"train": [], "val": [], "val_bpb": [], "lr": []} | (ckpt["history"] if ckpt else {})
+    history = {"train": [], "val": [], "val_bpb": [], "val_elapsed_s": [], "lr": []} | (ckpt["history"] if ckpt else {})
     best_val = ckpt["best_val"] if ckpt else float("inf")
     if ckpt:
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -398,8 +447,8 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
             else:
                 progress = (step + 1) / args.decay_steps
             lr = lr_at(progress, args)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            for group in opt.param_groups:  # Muon's groups are those with Newton-Schulz steps
+                group["lr"] = lr * ((args.muon_lr or args.lr) / args.lr if "ns_steps" in group else 1)
             t_step = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             for micro in range(accum):
@@ -460,6 +509,7 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
                                          device)
                 history["val"].append((step, val_loss))
                 history["val_bpb"].append((step, bpb))
+                history["val_elapsed_s"].append((step, elapsed))
                 improved, best_val = val_loss < best_val, min(best_val, val_loss)
             # payload() is collective in stream mode (each rank's stream position): every rank builds it once.
             state = payload(step, elapsed) if saving or improved else None

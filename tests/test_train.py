@@ -60,24 +60,36 @@ def torchrun(n: int, argv: list[str]) -> subprocess.CompletedProcess:
     return done
 
 
+def optimizer_states(ckpt) -> list[dict]:
+    """The state of each optimizer in a checkpoint: AdamW's alone, or Muon's and AdamW's."""
+    saved = ckpt["optimizer"]
+    return [saved["state"]] if "state" in saved else [part["state"] for part in saved.values()]
+
+
 def assert_same_optimizer_state(a, b, atol):
-    state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert state_a.keys() == state_b.keys() and state_a
-    for i, moments in state_a.items():
-        for key, value in moments.items():
-            assert torch.allclose(value, state_b[i][key], atol=atol, rtol=0), (i, key)
+    for state_a, state_b in zip(optimizer_states(a), optimizer_states(b), strict=True):
+        assert state_a.keys() == state_b.keys() and state_a
+        for i, moments in state_a.items():
+            for key, value in moments.items():
+                assert torch.allclose(value, state_b[i][key], atol=atol, rtol=0), (i, key)
 
 
-def test_ddp_with_accumulation_equals_one_process(tok_path, tmp_path):
-    """2 gloo ranks x 2 micro-steps (the no_sync branch runs) against 1 process x 4 micro-steps."""
-    common = ["--max-steps", "3", "--micro-batch", "2", "--tokens-per-step", "512"]
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_ddp_with_accumulation_equals_one_process(tok_path, tmp_path, optimizer):
+    """2 gloo ranks x 2 micro-steps (the no_sync branch runs) against 1 process x 4 micro-steps. With Muon,
+    each rank orthogonalises the all-reduced gradient, so both ranks' updates equal the single process's."""
+    common = ["--max-steps", "3", "--micro-batch", "2", "--tokens-per-step", "512", "--optimizer", optimizer]
     single = run_in_process(small_run(tok_path, tmp_path / "single", *common))
     done = torchrun(2, small_run(tok_path, tmp_path / "ddp", *common))
     assert "world 2 x micro-batch 2 x seq 64 x accum 2" in done.stdout
     ddp = load_checkpoint(tmp_path / "ddp" / "run" / "last.ckpt")
     assert single["train_args"]["micro_batch"] == 2 and "accum" not in single["train_args"]
-    assert_same_run(single, ddp, atol=2e-5)
-    assert_same_optimizer_state(single, ddp, atol=2e-5)
+    # Muon's Newton-Schulz iteration runs in bf16, so the summation order of the all-reduce can move an update
+    # by a bf16 rounding: about lr * 2**-8 per step (3 steps at lr 3e-3: < 1e-4). A rank that orthogonalised its
+    # own gradient instead would be off by the order of lr.
+    atol = 2e-5 if optimizer == "adamw" else 1e-4
+    assert_same_run(single, ddp, atol=atol)
+    assert_same_optimizer_state(single, ddp, atol=atol)
     assert single["history"]["train"][-1][1] < single["history"]["train"][0][1]
 
 
@@ -140,8 +152,9 @@ def test_gradient_accumulation_equals_big_batch(tok_path, tmp_path):
     assert_same_run(four_by_two, one_by_eight, atol=2e-5)
 
 
-def test_resume_is_exact(tok_path, tmp_path):
-    common = ["--max-steps", "6", "--micro-batch", "4", "--tokens-per-step", "256", "--save-every", "100"]
+@pytest.mark.parametrize("recipe", [["--optimizer", "adamw"], ["--optimizer", "muon", "--schedule", "wsd"]])
+def test_resume_is_exact(tok_path, tmp_path, recipe):
+    common = ["--max-steps", "6", "--micro-batch", "4", "--tokens-per-step", "256", "--save-every", "100", *recipe]
     straight = run_in_process(small_run(tok_path, tmp_path / "straight", *common))
     stopped = run_in_process(small_run(tok_path, tmp_path / "split", *common, "--stop-at", "3"))
     assert stopped["step"] == 3
@@ -154,7 +167,7 @@ def test_resume_is_exact(tok_path, tmp_path):
 
 def test_lr_schedule_values():
     """Closed form: linear warmup over warmup_frac of the run, cosine to min_lr at its end, min_lr after."""
-    args = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup_frac=0.1)
+    args = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup_frac=0.1, schedule="cosine")
     assert train.lr_at(0.05, args) == pytest.approx(5e-4)
     assert train.lr_at(0.1, args) == pytest.approx(1e-3)
     assert train.lr_at(0.55, args) == pytest.approx(1e-4 + 0.5 * 9e-4)
@@ -162,6 +175,11 @@ def test_lr_schedule_values():
     assert train.lr_at(1.7, args) == pytest.approx(1e-4)
     after_warmup = [train.lr_at(0.1 + i / 100, args) for i in range(91)]
     assert all(a > b for a, b in zip(after_warmup, after_warmup[1:]))
+    args = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup_frac=0.1, schedule="wsd", decay_frac=0.2)
+    assert train.lr_at(0.05, args) == pytest.approx(5e-4)
+    assert train.lr_at(0.1, args) == train.lr_at(0.5, args) == train.lr_at(0.8, args) == pytest.approx(1e-3)
+    assert train.lr_at(0.9, args) == pytest.approx(0.5 * (1e-3 + 1e-4))
+    assert train.lr_at(1.0, args) == pytest.approx(1e-4) and train.lr_at(1.3, args) == pytest.approx(1e-4)
 
 
 def without(argv: list[str], flag: str) -> list[str]:
@@ -209,9 +227,22 @@ def test_mfu_is_never_above_100_percent(tok_path, tmp_path, capsys):
     assert "re-measured" in out
 
 
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
+    model = GPT(get_config("tiny", n_layer=2, tie_embeddings=False))
+    opt = train.make_optimizer(model, argparse.Namespace(lr=1e-3, muon_lr=2e-2, weight_decay=0.1, optimizer="muon"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for group in opt.parts["muon"].param_groups for p in group["params"]}
+    adamw = {names[id(p)] for group in opt.parts["adamw"].param_groups for p in group["params"]}
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert muon == {f"layers.{i}.{part}.{p}.weight" for i in range(2) for part, ps in
+                    (("self_attn", projections[:4]), ("mlp", projections[4:])) for p in ps}
+    assert adamw == set(names.values()) - muon and {"embed_tokens.weight", "lm_head.weight"} <= adamw
+    assert opt.parts["muon"].param_groups[0]["lr"] == 2e-2 and opt.parts["adamw"].param_groups[0]["lr"] == 1e-3
+
+
 def test_weight_decay_groups():
     model = GPT(get_config("tiny", n_layer=2))
-    opt = train.make_optimizer(model, argparse.Namespace(lr=1e-3, weight_decay=0.1))
+    opt = train.make_optimizer(model, argparse.Namespace(lr=1e-3, weight_decay=0.1, optimizer="adamw"))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     decayed = {id(p) for p in decay["params"]}
