@@ -81,6 +81,33 @@ def bf16_gemms_run_in_fp32() -> bool:
     return BF16_GEMMS_IN_FP32
 
 
+
+TORCH_NEWTON_SCHULZ = torch.optim._muon._zeropower_via_newtonschulz  # torch's own, in bf16
+
+
+def newton_schulz_fp32(grad: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,
+                       eps: float) -> torch.Tensor:
+    """torch.optim.Muon's orthogonalisation (the same quintic Newton-Schulz iteration) in fp32 instead of bf16."""
+    a, b, c = ns_coefficients
+    x = grad.float()
+    if grad.size(0) > grad.size(1):
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.T if grad.size(0) > grad.size(1) else x).to(grad.dtype)
+
+
+def muon_in_fp32_where_bf16_is_slow() -> bool:
+    """Muon runs its Newton-Schulz matmuls in bf16; on a CPU whose bf16 GEMMs are slower than fp32 (emulated
+    without bf16 instructions: ~0.3 GFLOP/s on an AVX2-only EPYC, where a Muon step took 3x an AdamW step),
+    run them in fp32. True when it swapped the function in."""
+    if not bf16_gemms_run_in_fp32():
+        return False
+    torch.optim._muon._zeropower_via_newtonschulz = newton_schulz_fp32
+    return True
+
 class Bf16LinearInFp32(torch.autograd.Function):
     """y = x @ w.T for bf16 x and w, computed by the fp32 GEMM: widening bf16 to fp32 is exact, so is a product
     of two bf16 numbers in fp32, and oneDNN's bf16 kernels accumulate in fp32 too. So this is a bf16 GEMM done

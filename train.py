@@ -27,6 +27,7 @@ import data
 from checkpoint import CheckpointError, clean_state_dict, load_checkpoint, save_checkpoint
 from config import ArgumentParser, ModelConfig, add_model_args, config_from_args, exit_with_error, positive
 from engine import generate
+from kernels import muon_in_fp32_where_bf16_is_slow
 from model import GPT
 from tokenizer import Tokenizer
 
@@ -186,6 +187,8 @@ def make_optimizer(model: GPT, args: argparse.Namespace) -> torch.optim.AdamW | 
     adamw = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
     if not hidden:
         return adamw
+    if next(model.parameters()).device.type == "cpu":
+        muon_in_fp32_where_bf16_is_slow()
     muon = torch.optim.Muon(hidden, lr=args.muon_lr or args.lr, weight_decay=args.weight_decay,
                             adjust_lr_fn="match_rms_adamw")
     return MuonAdamW(muon, adamw)

@@ -205,3 +205,17 @@ def test_two_models_compiled_in_one_process_keep_their_own_steps():
             want = model.decode_step(tokens, positions, model.kv_cache)
             got = kernels.compile_decode_step(model)(tokens, positions, model.kv_cache)
             assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(64, 192), (192, 64)])
+def test_newton_schulz_in_fp32_matches_torchs_bf16_iteration(shape):
+    """The fp32 Newton-Schulz that Muon uses where bf16 GEMMs are slow against torch's own (bf16): the same
+    iteration, so the same result up to bf16 rounding; and both orthogonalise (singular values near 1)."""
+    torch.manual_seed(0)
+    grad = torch.randn(shape)
+    ours = kernels.newton_schulz_fp32(grad, (3.4445, -4.775, 2.0315), 5, 1e-7)
+    theirs = kernels.TORCH_NEWTON_SCHULZ(grad, (3.4445, -4.775, 2.0315), 5, 1e-7).float()
+    assert ours.shape == grad.shape and ours.dtype == grad.dtype
+    assert (ours - theirs).norm() / theirs.norm() < 3e-2
+    singular = torch.linalg.svdvals(ours)
+    assert singular.min() > 0.5 and singular.max() < 1.5
