@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import data
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import config_and_tokenizer, load_checkpoint, model_from_checkpoint
 from config import ArgumentParser, ModelConfig, get_config
 from convert import write_hf
 from engine import Engine, Request, generate, load_model
@@ -107,17 +107,21 @@ def contenders(ckpt_path: str, threads: int):
 
     ckpt = load_checkpoint(ckpt_path)
     ours = {fmt: load_model(ckpt_path, "cpu", "fp32", q)[0] for fmt, q in FORMATS.items()}
-    _, tok = model_from_checkpoint(ckpt)
+    _, tok = config_and_tokenizer(ckpt)
     with tempfile.TemporaryDirectory() as tmp:
         write_hf(ckpt, Path(tmp))
         ref = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
     return ours, tok, ref, llama_cpp(ckpt.get("source"), threads)
 
 
+def row_differences(a: list[list[int]], b: list[list[int]]) -> list[int | None]:
+    """Per row, the index of the first generated token where two runs differ; None where they agree."""
+    return [next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), None) for ra, rb in zip(a, b)]
+
+
 def first_difference(a: list[list[int]], b: list[list[int]]) -> int | None:
     """Index of the first generated token where two runs differ, in any row; None when they agree."""
-    diffs = [next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), None) for ra, rb in zip(a, b)]
-    return min((d for d in diffs if d is not None), default=None)
+    return min((d for d in row_differences(a, b) if d is not None), default=None)
 
 
 def bench_decode(ckpt_path: str, batches: list[int], new_tokens: int, threads: int) -> list[dict]:
@@ -229,8 +233,8 @@ def bench_quality(ckpt_paths: list[str], new_tokens: int = 128) -> list[dict]:
     rows = []
     for path in ckpt_paths:
         ckpt = load_checkpoint(path)
-        base, tok = model_from_checkpoint(ckpt)
-        seq = min(512, base.config.max_seq_len)
+        config, tok = config_and_tokenizer(ckpt)
+        seq = min(512, config.max_seq_len)
         tokens_dir = Path("data") / f"shakespeare-{data.tokenizer_hash(tok)}"
         meta = data.prepare("shakespeare", tok, tokens_dir, splits=("val",))
         chunks = data.Chunks(data.load_shards(tokens_dir, meta, "val"), seq)
@@ -247,8 +251,7 @@ def bench_quality(ckpt_paths: list[str], new_tokens: int = 128) -> list[dict]:
             with torch.inference_mode():
                 loss, bpb = evaluate(model, chunks, lengths, 8, contextlib.nullcontext(), 0, 1, torch.device("cpu"))
             greedy[name] = generate(model, prompts, new_tokens, batch_size=8)[0]
-            same = [next((i for i, (a, b) in enumerate(zip(r, f)) if a != b), new_tokens)
-                    for r, f in zip(greedy[name], greedy["fp32"])]
+            same = [new_tokens if d is None else d for d in row_differences(greedy[name], greedy["fp32"])]
             row = {"checkpoint": str(path), "variant": name, "val_loss": loss, "val_bpb": bpb,
                    "greedy_agreement": sum(same) / len(same) / new_tokens}
             fp32_bpb = fp32_bpb or bpb  # the first variant is fp32
@@ -406,8 +409,10 @@ def bench_serve(ckpt_path: str, threads: int, levels: list[int], requests: int =
     Tokens are counted by re-encoding each answer with the model's tokenizer, the same for both."""
     import asyncio
 
+    import httpx
+
     ckpt = load_checkpoint(ckpt_path, mmap=True)
-    _, tok = model_from_checkpoint(ckpt)
+    _, tok = config_and_tokenizer(ckpt)  # the tokenizer alone: the servers load the model
     texts = (Path(__file__).parent / "prompts" / "chat.txt").read_text().splitlines()[::4][:requests]
     bodies = [{"messages": [{"role": "user", "content": t}], "max_tokens": max_tokens,
                "temperature": 0, "stream": True} for t in texts]
@@ -427,7 +432,6 @@ def bench_serve(ckpt_path: str, threads: int, levels: list[int], requests: int =
         server = start_server(command, f"http://127.0.0.1:{port}/v1/models",
                               Path(tempfile.gettempdir()) / f"bench_serve_{port}.log", threads)
         try:
-            import httpx
             model = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
             bodies = [b | {"model": model} for b in bodies]
             asyncio.run(load_test(f"http://127.0.0.1:{port}/v1/chat/completions", bodies[:2], 1))  # warm-up

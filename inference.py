@@ -99,8 +99,6 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts or list(SEED_PROMPTS)
 
 
-
-
 def make_engine(model: GPT, tok: Tokenizer, args: argparse.Namespace, max_len: int, prompts: int) -> Engine:
     """An engine of --batch-size rows, or fewer when there are fewer prompts (every row costs a step)."""
     return Engine(model, rows=min(args.batch_size, prompts), max_len=max_len, tokenizer=tok, compile=args.compile,

@@ -89,6 +89,13 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256i load16(const int16_t* p)
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
 }
 
+// One group's dot in integers: its 32 weights as int16 (w0: weights 0-15, w1: 16-31) times the group's
+// fixed-point activations xq, eight 32-bit partial sums converted to float.
+__attribute__((target("avx2,fma,f16c"))) inline __m256 group_dot(__m256i w0, __m256i w1, const int16_t* xq) {
+    return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(w0, load16(xq)),
+                                               _mm256_madd_epi16(w1, load16(xq + 16))));
+}
+
 // R activation rows (1 to 4, a compile-time count so the accumulators live in registers) share one unpacking
 // of each weight group. Per group: sum(q * q16) in integers, then acc += d * s * that (one convert, one FMA).
 template <int R>
@@ -107,10 +114,8 @@ void q4_block_avx2(const Activations& a, int64_t r0, int64_t K, const uint8_t* q
             const float dg = d[n * G + g];
             for (int r = 0; r < R; ++r) {
                 const int64_t i = (r0 + r) * G + g;
-                const int16_t* xq = a.q.data() + i * 32;
-                const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(w_lo, load16(xq)),
-                                                     _mm256_madd_epi16(w_hi, load16(xq + 16)));
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dg * a.scale[i]), _mm256_cvtepi32_ps(dot), acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dg * a.scale[i]), group_dot(w_lo, w_hi, a.q.data() + i * 32),
+                                         acc[r]);
             }
         }
         for (int r = 0; r < R; ++r) {  // + the sum over groups of m * sum(x), in fp32, 8 groups at a time
@@ -143,10 +148,8 @@ void q8_block_avx2(const Activations& a, int64_t r0, int64_t K, const int8_t* q,
             const float wscale = per_channel ? s[n] : s[n * G + g];
             for (int r = 0; r < R; ++r) {
                 const int64_t i = (r0 + r) * G + g;
-                const int16_t* xq = a.q.data() + i * 32;
-                const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(w0, load16(xq)),
-                                                     _mm256_madd_epi16(w1, load16(xq + 16)));
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(wscale * a.scale[i]), _mm256_cvtepi32_ps(dot), acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(wscale * a.scale[i]), group_dot(w0, w1, a.q.data() + i * 32),
+                                         acc[r]);
             }
         }
         for (int r = 0; r < R; ++r) y[(r0 + r) * N + n] = hsum(acc[r]);

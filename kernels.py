@@ -81,7 +81,6 @@ def bf16_gemms_run_in_fp32() -> bool:
     return BF16_GEMMS_IN_FP32
 
 
-
 TORCH_NEWTON_SCHULZ = torch.optim._muon._zeropower_via_newtonschulz  # torch's own, in bf16
 
 
@@ -107,6 +106,7 @@ def muon_in_fp32_where_bf16_is_slow() -> bool:
         return False
     torch.optim._muon._zeropower_via_newtonschulz = newton_schulz_fp32
     return True
+
 
 class Bf16LinearInFp32(torch.autograd.Function):
     """y = x @ w.T for bf16 x and w, computed by the fp32 GEMM: widening bf16 to fp32 is exact, so is a product

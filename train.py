@@ -181,9 +181,9 @@ def make_optimizer(model: GPT, args: argparse.Namespace) -> torch.optim.AdamW | 
     all-reduced gradient, so the ranks stay in step."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = [p for n, p in named if p.dim() == 2 and n.startswith("layers.")] if args.optimizer == "muon" else []
-    rest = [(n, p) for n, p in named if not any(p is h for h in hidden)]
-    groups = [{"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    rest = [p for _, p in named if all(p is not h for h in hidden)]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     adamw = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
     if not hidden:
         return adamw

@@ -84,9 +84,9 @@ def test_ddp_with_accumulation_equals_one_process(tok_path, tmp_path, optimizer)
     assert "world 2 x micro-batch 2 x seq 64 x accum 2" in done.stdout
     ddp = load_checkpoint(tmp_path / "ddp" / "run" / "last.ckpt")
     assert single["train_args"]["micro_batch"] == 2 and "accum" not in single["train_args"]
-    # Muon's Newton-Schulz iteration runs in bf16, so the summation order of the all-reduce can move an update
-    # by a bf16 rounding: about lr * 2**-8 per step (3 steps at lr 3e-3: < 1e-4). A rank that orthogonalised its
-    # own gradient instead would be off by the order of lr.
+    # Muon's Newton-Schulz iteration runs in bf16 (fp32 where bf16 GEMMs are slow), so the summation order of
+    # the all-reduce can move an update by a bf16 rounding: about lr * 2**-8 per step (3 steps at lr 3e-3:
+    # < 1e-4). A rank that orthogonalised its own gradient instead would be off by the order of lr.
     atol = 2e-5 if optimizer == "adamw" else 1e-4
     assert_same_run(single, ddp, atol=atol)
     assert_same_optimizer_state(single, ddp, atol=atol)
