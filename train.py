@@ -386,6 +386,8 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
 
     # The schedule runs on progress, the fraction of the run done: of --time-budget's wall clock (however
     # fast or slow the machine is meanwhile), or of the steps to decay_steps.
+    if args.decay_frac > 1:
+        raise UsageError(f"--decay-frac must be in (0, 1], the share of the run that decays (got {args.decay_frac})")
     if args.time_budget and args.warmup_steps:
         raise UsageError("--warmup-steps counts steps, which a --time-budget run cannot know ahead; "
                          "use --warmup-frac")
