@@ -457,40 +457,50 @@ def bench_serve(ckpt_path: str, threads: int, levels: list[int], requests: int =
     return out
 
 
-# Today's recipe, pinned (tiny's defaults), and the candidate: Muon with warmup-stable-decay at twice the rate,
-# the best of 3-minute screening runs (README). It becomes the default once a full budget confirms it.
+# The recipe before issue 17, pinned, and one rung per change, each keeping the rungs above it; the last is
+# `make train` now (tiny's defaults). 3-minute screening runs chose each value (README). The older rungs keep
+# tiny's old shape (a 256-token context, the head tied to the embedding); other presets keep their own.
 RECIPES = {"before": ["--optimizer", "adamw", "--schedule", "cosine", "--lr", "1e-3", "--tokens-per-step", "8192"],
-           "muon-wsd": ["--optimizer", "muon", "--schedule", "wsd", "--lr", "2e-3", "--tokens-per-step", "8192"]}
+           "muon+wsd": ["--optimizer", "muon", "--schedule", "wsd", "--lr", "4e-3", "--tokens-per-step", "8192"],
+           "now": ["--optimizer", "muon", "--schedule", "wsd", "--lr", "4e-3", "--tokens-per-step", "4096"]}
+TINY_BEFORE = ["--max-seq-len", "256", "--tie-embeddings"]
+EVAL_TOKENS = 409_600  # every recipe evaluates after the same number of tokens, so evaluation costs each alike
 
 
-def bench_recipes(preset: str, minutes: float, repeats: int = 1, eval_every: int = 50) -> list[dict]:
+def bench_recipes(preset: str, minutes: float, names: list[str], extra: list[str], repeats: int = 1) -> list[dict]:
     """Each recipe trains `preset` from scratch for the same wall-clock budget on this machine, taking turns
-    (before, now, before, now, ...), with the same evaluation code (train.evaluate: bits per byte over the whole
-    validation split, tested against an independent count). A greedy sample of each is kept."""
+    (before, ..., now, before, ...), with the same evaluation code (train.evaluate: bits per byte over the whole
+    validation split, tested against an independent count). `extra` flags go last, so they win. A sample
+    (temperature 0.8, seed 0, as inference.py gives) of each is kept."""
+    from train import build_parser as train_parser
     out = []
     for repeat in range(repeats):
-        for name, flags in RECIPES.items():
+        for name in names:
             run = f"{preset}-{name}-{repeat}"
+            flags = RECIPES[name] + (TINY_BEFORE if preset == "tiny" and name != "now" else []) + extra
+            tokens_per_step = train_parser().parse_args(flags).tokens_per_step
             command = [sys.executable, "train.py", "--preset", preset, "--time-budget", str(minutes), "--run-name",
-                       run, "--out-dir", "checkpoints/recipes", "--eval-every", str(eval_every), *flags]
+                       run, "--out-dir", "checkpoints/recipes", "--eval-every",
+                       str(max(1, EVAL_TOKENS // tokens_per_step)), *flags]
             print(f"recipes: {' '.join(command[1:])}", flush=True)
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
             ckpt = load_checkpoint(f"checkpoints/recipes/{run}/last.ckpt")
             model, tok = model_from_checkpoint(ckpt)
             prompt = tok.encode("ROMEO.")
-            sample = tok.decode(prompt + generate(model, [prompt], 80)[0][0])
+            sample = tok.decode(prompt + generate(model, [prompt], 100, temperature=0.8, seed=0)[0][0])
             h, args = ckpt["history"], ckpt["train_args"]
             row = {"recipe": name, "preset": preset, "repeat": repeat, "minutes": minutes, "flags": flags,
                    "optimizer": args["optimizer"], "schedule": args["schedule"], "lr": args["lr"],
                    "muon_lr": args.get("muon_lr"), "tokens_per_step": args["tokens_per_step"],
-                   "config": ckpt["config"], "steps": ckpt["step"], "elapsed_s": ckpt["elapsed_s"],
-                   "tokens": ckpt["step"] * args["tokens_per_step"], "val_bpb": h["val_bpb"][-1][1],
+                   "config": ckpt["config"], "params": model.num_params(), "steps": ckpt["step"],
+                   "elapsed_s": ckpt["elapsed_s"], "tokens": ckpt["step"] * args["tokens_per_step"],
+                   "val_bpb": h["val_bpb"][-1][1],
                    "curve": [(t, b) for (_, t), (_, b) in zip(h["val_elapsed_s"], h["val_bpb"])],
                    "sample": sample}
             out.append(row)
             print(f"recipes: {name}: val bits/byte {row['val_bpb']:.4f} after {row['steps']} steps, "
                   f"{row['tokens']:,} tokens in {row['elapsed_s'] / 60:.1f} min", flush=True)
-    for name in RECIPES:
+    for name in names:
         mine = [r["val_bpb"] for r in out if r["recipe"] == name]
         print(f"recipes: {name}: median val bits/byte {sorted(mine)[len(mine) // 2]:.4f} over {len(mine)} runs")
     return out
@@ -576,8 +586,8 @@ def plot_recipes(rows: list[dict], ax_grid):
     for row in rows:
         before = row["recipe"] == "before"
         ax.plot([t / 60 for t, _ in row["curve"]], [b for _, b in row["curve"]], "s--" if before else "o-",
-                color="tab:orange" if before else "tab:blue", alpha=0.8,
-                label=f"{row['recipe']} ({row['optimizer']}, {row['schedule']}): {row['val_bpb']:.3f}")
+                alpha=0.8, label=f"{row['recipe']} ({row['optimizer']}, {row['schedule']}, lr {row['lr']:g}, "
+                f"{row['tokens_per_step']} tok/step): {row['val_bpb']:.3f}")
     ax.set(xlabel="wall-clock minutes", ylabel="validation bits per byte", title=f"{rows[0]['preset']}: the "
            f"training recipes side by side, {rows[0]['minutes']:g} min each on this machine")
     ax.grid(alpha=0.3)
@@ -618,7 +628,8 @@ SECTIONS = {  # name: (run it, plot it)
     "engine": (lambda a: bench_engine(a.checkpoint), plot_engine),
     "serve": (lambda a: bench_serve(a.checkpoint, a.threads, a.clients), plot_serve),
     "train": (lambda a: bench_train(), plot_train),
-    "recipes": (lambda a: bench_recipes(a.recipe_preset, a.recipe_minutes, a.recipe_repeats), plot_recipes),
+    "recipes": (lambda a: bench_recipes(a.recipe_preset, a.recipe_minutes, a.recipes, a.recipe_flags.split(),
+                                        a.recipe_repeats), plot_recipes),
 }
 
 
@@ -636,6 +647,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recipe-preset", default="tiny", help="recipes: the model to train")
     p.add_argument("--recipe-minutes", type=float, default=10, help="recipes: wall-clock budget of each run")
     p.add_argument("--recipe-repeats", type=int, default=1, help="recipes: turns of each recipe")
+    p.add_argument("--recipes", choices=list(RECIPES), nargs="+", default=list(RECIPES), help="recipes: which")
+    p.add_argument("--recipe-flags", default="", help="recipes: train.py flags added to every recipe")
     p.add_argument("--out", default="generated_texts")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -38,7 +38,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--prompt", action="append", help="repeatable; default: the seeds' five prompts")
     p.add_argument("--prompts-file", help="one prompt per line, or JSONL with a 'prompt' field")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: 128, or half the context where that is shorter (tiny's is 128 tokens)")
     p.add_argument("--truncate", action="store_true", help="keep the end of a prompt that is too long")
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
     p.add_argument("--top-k", type=int, default=None)
@@ -69,7 +70,7 @@ def build_parser() -> ArgumentParser:
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Usage errors exit 2 with one line naming the flag and the allowed values."""
-    if args.max_new_tokens <= 0:
+    if args.max_new_tokens is not None and args.max_new_tokens <= 0:
         p.error(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
     if args.temperature < 0:
         p.error(f"--temperature must be >= 0 (got {args.temperature}); 0 means greedy")
@@ -85,6 +86,11 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"unsupported --device {args.device!r}; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA GPU is visible; use --device cpu")
+
+
+def resolve_new_tokens(args: argparse.Namespace, context: int) -> None:
+    if args.max_new_tokens is None:
+        args.max_new_tokens = min(128, context // 2)
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -276,6 +282,7 @@ def benchmark(args: argparse.Namespace) -> None:
 
     model, tok = load_model(args.checkpoint, args.device, args.dtype, args.quantize)
     args.ignore_eos = True  # fixed-length rows: every configuration generates the same work
+    resolve_new_tokens(args, model.config.max_seq_len)
     base = encode_prompts(tok, SEED_PROMPTS, args.max_new_tokens, model.config.max_seq_len)
     results = {"device": args.device, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
                "checkpoint": str(args.checkpoint), "batch_sweep": [], "proc_sweep": []}
@@ -339,6 +346,7 @@ def main(argv: list[str] | None = None) -> None:
             model, tok = load_model(args.checkpoint, args.device, args.dtype, args.quantize)
             config = model.config
         texts = read_prompts(args)
+        resolve_new_tokens(args, config.max_seq_len)
         prompts = encode_prompts(tok, texts, args.max_new_tokens, config.max_seq_len, args.chat, args.truncate)
         single = len(prompts) == 1 and args.num_procs == 1
         if single:

@@ -39,9 +39,12 @@ def ours_ckpt(cfg, tokenizer):
     return {"model": model.state_dict(), "config": cfg.to_dict(), "tokenizer": tokenizer.to_str()}
 
 
-@pytest.mark.parametrize("n_kv_head,tie", [(6, True), (2, True), (3, False)])
-def test_export_matches_transformers_logits(n_kv_head, tie, small_tokenizer, tmp_path):
-    ckpt = ours_ckpt(shrunk(n_kv_head, tie), small_tokenizer)
+# smollm2's family shrunk (MHA, GQA, untied), and tiny's own shape (untied, 128-token context).
+@pytest.mark.parametrize("cfg", [shrunk(6, True), shrunk(2, True), shrunk(3, False),
+                                 get_config("tiny", vocab_size=512)],
+                         ids=["mha-tied", "gqa-tied", "gqa-untied", "tiny"])
+def test_export_matches_transformers_logits(cfg, small_tokenizer, tmp_path):
+    ckpt = ours_ckpt(cfg, small_tokenizer)
     convert.write_hf(ckpt, tmp_path / "hf")
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert isinstance(theirs, LlamaForCausalLM)

@@ -204,3 +204,13 @@ def test_cli_bad_input_one_line(ckpt_dir):
     assert refused.returncode == 1 and "pass --truncate" in refused.stderr
     truncated = cli(*long, "--truncate")
     assert truncated.returncode == 0 and "keeping the last 80" in truncated.stderr
+
+
+def test_default_new_tokens_fit_a_short_context(ckpt_dir, loaded, tmp_path):
+    """Without --max-new-tokens a row gets 128 new tokens, or half the context where that is shorter (this
+    model's context is 96 tokens; tiny's is 128), so the default never overflows the window."""
+    model, _ = loaded
+    stats = tmp_path / "stats.json"
+    done = cli("--checkpoint", str(ckpt_dir), "--prompt", "To be", "--ignore-eos", "--stats-json", str(stats))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(stats.read_text())["new_tokens"] == model.config.max_seq_len // 2 == 48

@@ -10,7 +10,8 @@ from model import GPT
 
 
 def small_config(**kw):
-    base = dict(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, ffn_hidden=48, max_seq_len=64)
+    base = dict(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, ffn_hidden=48, max_seq_len=64,
+                tie_embeddings=True)
     return get_config("tiny", **base | kw)
 
 

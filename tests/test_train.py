@@ -25,7 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def small_run(tok_path, out_dir, *extra):
-    return ["--n-layer", "2", "--d-model", "64", "--n-head", "4", "--n-kv-head", "2", "--ffn-hidden", "128",
+    # AdamW + cosine unless a test asks for Muon or WSD (tiny's defaults), so each test keeps one recipe.
+    return ["--optimizer", "adamw", "--schedule", "cosine",
+            "--n-layer", "2", "--d-model", "64", "--n-head", "4", "--n-kv-head", "2", "--ffn-hidden", "128",
             "--vocab-size", "512", "--max-seq-len", "64", "--tokenizer", str(tok_path), "--dtype", "fp32",
             "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "1000", "--peak-flops", "1e12",
             "--out-dir", str(out_dir), "--run-name", "run", "--data-dir", str(ROOT / "data"), *extra]
@@ -277,7 +279,10 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_flops_per_token_counts_head_once():
-    cfg = get_config("tiny")
-    n = GPT(cfg).num_params()
-    assert train.flops_per_token(cfg, 256, n) == 6 * n + 12 * cfg.n_layer * cfg.d_model * 256
+    """Tied, the embedding matrix is the head's (its matmul counts once); untied, its lookup costs nothing."""
+    for tied in (True, False):
+        cfg = get_config("tiny", tie_embeddings=tied)
+        n = GPT(cfg).num_params()
+        lookup = 0 if tied else cfg.vocab_size * cfg.d_model
+        assert train.flops_per_token(cfg, 256, n) == 6 * (n - lookup) + 12 * cfg.n_layer * cfg.d_model * 256
     assert math.isfinite(train.measure_peak_flops(torch.device("cpu"), torch.float32))
