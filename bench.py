@@ -9,6 +9,8 @@ every figure. Compile time is left out of the rates (a warm-up call first) and r
   python bench.py --only engine                    # continuous vs static batching on the chat workload
   python bench.py --only serve                     # serve.py vs llama.cpp's server at 1/8/32/64 clients
   python bench.py --only recipes                   # training recipes side by side, 10 min each (tiny)
+  python bench.py --only recipes --recipe-preset slm-40m --recipe-minutes 5 --recipes before muon+wsd \
+      "--recipe-flags=--tokens-per-step 4096 --seq-len 256"   # the same for slm-40m, CPU-sized steps
 """
 from __future__ import annotations
 
