@@ -590,8 +590,9 @@ def plot_recipes(rows: list[dict], ax_grid):
         ax.plot([t / 60 for t, _ in row["curve"]], [b for _, b in row["curve"]], "s--" if before else "o-",
                 alpha=0.8, label=f"{row['recipe']} ({row['optimizer']}, {row['schedule']}, lr {row['lr']:g}, "
                 f"{row['tokens_per_step']} tok/step): {row['val_bpb']:.3f}")
-    ax.set(xlabel="wall-clock minutes", ylabel="validation bits per byte", title=f"{rows[0]['preset']}: the "
-           f"training recipes side by side, {rows[0]['minutes']:g} min each on this machine")
+    ax.set(xlim=(0, rows[0]["minutes"] * 1.05), xlabel="wall-clock minutes", ylabel="validation bits per byte",
+           title=f"{rows[0]['preset']}: the training recipes side by side, {rows[0]['minutes']:g} min each on "
+                 "this machine")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
