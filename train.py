@@ -316,11 +316,13 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
         args.resume = True
     if args.resume:
         ckpt = load_checkpoint(run_dir / "last.ckpt")
-        changed = sorted(k for k in explicit if k in ckpt["config"] or k == "preset"
-                         if explicit[k] != ckpt["config"].get(k, ckpt["train_args"].get(k)))
+        # The model and the optimizer (its state is in the checkpoint) stay; the rest may change on resume.
+        trained = BEFORE_RECIPES | ckpt["train_args"] | ckpt["config"]
+        changed = sorted(k for k in explicit if k in {*ckpt["config"], "preset", "optimizer"}
+                         if explicit[k] != trained.get(k))
         if changed:
-            raise UsageError(f"{run_dir} was trained with another model config ({', '.join(changed)} differ); "
-                             f"drop those flags to resume, or pick a new --run-name")
+            raise UsageError(f"{run_dir} was trained with another model config or optimizer ({', '.join(changed)} "
+                             f"differ); drop those flags to resume, or pick a new --run-name")
         args = argparse.Namespace(**{**vars(args), **BEFORE_RECIPES, **ckpt["train_args"], **explicit,
                                      "resume": True})
         if args.more_steps:  # N steps from the checkpoint; past the schedule's end they run at min_lr

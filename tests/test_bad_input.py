@@ -97,6 +97,7 @@ CASES = [
      "tokenizer has 512 tokens but the model's vocab_size is 300"),
     ("resume missing", TRN, ["--out-dir", "{ws}/nothing", "--resume"], 1, "checkpoint not found"),
     ("resume other preset", TRN, [*RESUME, "--preset", "slm-40m"], 2, "was trained with another model config"),
+    ("resume other optimizer", TRN, [*RESUME, "--optimizer", "muon"], 2, "or optimizer (optimizer differ)"),
     ("non-utf8 corpus", TRN, [*TRAIN_SMALL, "--data", "{ws}/latin1"], 1, "is not valid UTF-8"),
     ("empty corpus", TRN, [*TRAIN_SMALL, "--data", "{ws}/empty"], 1, "has no non-empty documents"),
     ("corpus smaller than a batch", TRN, [*TRAIN_SMALL, "--data", "{ws}/small", "--val-docs", "1"], 1,

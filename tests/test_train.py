@@ -160,10 +160,10 @@ def test_resume_is_exact(tok_path, tmp_path, recipe):
     straight = run_in_process(small_run(tok_path, tmp_path / "straight", *common))
     stopped = run_in_process(small_run(tok_path, tmp_path / "split", *common, "--stop-at", "3"))
     assert stopped["step"] == 3
-    resumed = run_in_process(small_run(tok_path, tmp_path / "split", "--resume"))
+    resumed = run_in_process(small_run(tok_path, tmp_path / "split", "--resume", *recipe))
     assert_same_run(straight, resumed, atol=0)
     # One flag trains further from a finished run, at the final (minimum) learning rate.
-    more = run_in_process(small_run(tok_path, tmp_path / "split", "--resume", "--more-steps", "2"))
+    more = run_in_process(small_run(tok_path, tmp_path / "split", "--resume", "--more-steps", "2", *recipe))
     assert more["step"] == 8 and more["train_args"]["decay_steps"] == 6
 
 
