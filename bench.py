@@ -33,6 +33,8 @@ from convert import write_hf
 from engine import Engine, Request, generate, load_model
 from kernels import bf16_gemms_run_in_fp32, quant_ops, quantize_model, quantize_q4, quantize_q8
 from model import GPT
+from train import TRAIN_DEFAULTS, evaluate
+from train import build_parser as train_parser
 
 PROMPT_TEXT = ("The quick brown fox jumps over the lazy dog while the sun sets behind the hills and the "
                "children walk home from school, talking about")
@@ -230,8 +232,6 @@ def bench_quality(ckpt_paths: list[str], new_tokens: int = 128) -> list[dict]:
     """What quantizing costs: bits per byte on the Shakespeare validation split (hamlet + tempest, evaluate()
     of train.py) and greedy agreement with fp32 over 128 tokens (8 chat prompts, raw text), for int8 and int4
     quantized from the fp32 weights, and int4 from the GGUF's own blocks where the checkpoint kept them."""
-    from train import evaluate
-
     rows = []
     for path in ckpt_paths:
         ckpt = load_checkpoint(path)
@@ -462,9 +462,9 @@ def bench_serve(ckpt_path: str, threads: int, levels: list[int], requests: int =
 # The recipe before issue 17, pinned, and one rung per change, each keeping the rungs above it; the last is
 # `make train` now (tiny's defaults). 3-minute screening runs chose each value (README). The older rungs keep
 # tiny's old shape (a 256-token context, the head tied to the embedding); other presets keep their own.
-RECIPES = {"before": ["--optimizer", "adamw", "--schedule", "cosine", "--lr", "1e-3", "--tokens-per-step", "8192"],
-           "muon+wsd": ["--optimizer", "muon", "--schedule", "wsd", "--lr", "4e-3", "--tokens-per-step", "8192"],
-           "now": ["--optimizer", "muon", "--schedule", "wsd", "--lr", "4e-3", "--tokens-per-step", "4096"]}
+BEFORE = {"optimizer": "adamw", "schedule": "cosine", "lr": 1e-3, "tokens_per_step": 8192}
+RECIPES = {"before": BEFORE, "muon+wsd": BEFORE | {"optimizer": "muon", "schedule": "wsd", "lr": 4e-3},
+           "now": TRAIN_DEFAULTS["tiny"]}
 TINY_BEFORE = ["--max-seq-len", "256", "--tie-embeddings"]
 EVAL_TOKENS = 409_600  # every recipe evaluates after the same number of tokens, so evaluation costs each alike
 
@@ -474,12 +474,12 @@ def bench_recipes(preset: str, minutes: float, names: list[str], extra: list[str
     (before, ..., now, before, ...), with the same evaluation code (train.evaluate: bits per byte over the whole
     validation split, tested against an independent count). `extra` flags go last, so they win. A sample
     (temperature 0.8, seed 0, as inference.py gives) of each is kept."""
-    from train import build_parser as train_parser
     out = []
     for repeat in range(repeats):
         for name in names:
             run = f"{preset}-{name}-{repeat}"
-            flags = RECIPES[name] + (TINY_BEFORE if preset == "tiny" and name != "now" else []) + extra
+            flags = [f for key, value in RECIPES[name].items() for f in (f"--{key.replace('_', '-')}", str(value))]
+            flags += (TINY_BEFORE if preset == "tiny" and name != "now" else []) + extra
             tokens_per_step = train_parser().parse_args(flags).tokens_per_step
             command = [sys.executable, "train.py", "--preset", preset, "--time-budget", str(minutes), "--run-name",
                        run, "--out-dir", "checkpoints/recipes", "--eval-every",

@@ -317,14 +317,13 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
     if args.resume:
         ckpt = load_checkpoint(run_dir / "last.ckpt")
         # The model and the optimizer (its state is in the checkpoint) stay; the rest may change on resume.
-        trained = BEFORE_RECIPES | ckpt["train_args"] | ckpt["config"]
+        saved = BEFORE_RECIPES | ckpt["train_args"]
         changed = sorted(k for k in explicit if k in {*ckpt["config"], "preset", "optimizer"}
-                         if explicit[k] != trained.get(k))
+                         if explicit[k] != (saved | ckpt["config"]).get(k))
         if changed:
             raise UsageError(f"{run_dir} was trained with another model config or optimizer ({', '.join(changed)} "
                              f"differ); drop those flags to resume, or pick a new --run-name")
-        args = argparse.Namespace(**{**vars(args), **BEFORE_RECIPES, **ckpt["train_args"], **explicit,
-                                     "resume": True})
+        args = argparse.Namespace(**{**vars(args), **saved, **explicit, "resume": True})
         if args.more_steps:  # N steps from the checkpoint; past the schedule's end they run at min_lr
             args.max_steps = ckpt["step"] + args.more_steps
             args.decay_steps = args.decay_steps or ckpt["step"]  # a budget run's schedule ended at its last step
