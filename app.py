@@ -12,11 +12,11 @@ import queue
 import time
 
 import gradio as gr
-import torch
 
-from checkpoint import CheckpointError
-from config import ArgumentParser, positive
-from engine import Engine, EngineThread, Request, encode_prompts, load_model
+from checkpoint import CheckpointError, load_model
+from config import ArgumentParser, add_runtime_args, positive
+from engine import Engine, EngineThread, Request, encode_prompts
+from machine import prepare_process
 from tokenizer import Tokenizer
 
 MAX_PROMPT_CHARS = 4000
@@ -33,7 +33,7 @@ def make_responder(engine: EngineThread, tok: Tokenizer, chat: bool):
         try:  # the prompt must leave room for at least one new token
             ids = encode_prompts(tok, [prompt], 1, max_len, chat=chat)[0]
         except ValueError as e:
-            raise gr.Error(str(e).replace("--max-new-tokens", "max new tokens").split("; shorten")[0]) from None
+            raise gr.Error(str(e)) from None
         events: queue.Queue = queue.Queue()
         request = Request(ids, min(int(max_new_tokens), max_len - len(ids)), temperature, int(top_k) or None, top_p,
                           on_text=lambda piece: events.put(piece), on_done=lambda r: events.put(None))
@@ -89,11 +89,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="int8 or int4 weights")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first start)")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+    add_runtime_args(p)
     args = p.parse_args(argv)
     try:
-        model, tok = load_model(args.checkpoint, "cpu" if not torch.cuda.is_available() else "cuda", args.dtype,
-                                args.quantize)
-    except CheckpointError as e:
+        prepare_process(args.machine)
+        model, tok = load_model(args.checkpoint, args.device, args.dtype, args.quantize)
+    except (CheckpointError, ValueError) as e:
         p.exit(1, f"error: {e}\n")
     if args.chat and not tok.chat_template:
         p.error("--chat: this checkpoint has no chat template")

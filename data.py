@@ -121,6 +121,18 @@ def corpus_documents(source: str, text_field: str, val_docs: int, split: str,
         raise DataError(f"{source} holds bytes that are not valid UTF-8 ({e.reason}); convert it to UTF-8") from None
 
 
+def corpus_tokenizer(source: str, vocab_size: int, data_dir: str | Path, text_field: str = "text",
+                     val_docs: int = 500, train: bool = True) -> Path:
+    """Where the BPE tokenizer trained on the corpus's train split lives; train=True trains it now if it is not
+    there yet (under DDP rank 0 does, while the others wait)."""
+    path = Path(data_dir) / f"{Path(source).name}-bpe{vocab_size}.json"  # "shakespeare", a local path or a hub name
+    if train and not path.exists():
+        print(f"training a {vocab_size}-token BPE tokenizer on the train split -> {path}")
+        docs = corpus_documents(source, text_field, val_docs, "train", data_dir)
+        Tokenizer.train(texts=docs, vocab_size=vocab_size).save(path)
+    return path
+
+
 # --- prepare mode: tokenized shards ---------------------------------------------------------------
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
@@ -223,8 +235,9 @@ class TokenLoader:
     """
 
     def __init__(self, chunks: Chunks, micro_batch: int, accum: int, rank: int = 0, world: int = 1,
-                 seed: int = 0):
+                 seed: int = 0, start_step: int = 0):
         self.chunks, self.micro_batch, self.accum = chunks, micro_batch, accum
+        self.step, self.micro = start_step, 0  # where next_batch() reads
         self.rank, self.world, self.seed = rank, world, seed
         self.rows_per_step = micro_batch * accum * world
         if len(chunks) < self.rows_per_step:
@@ -245,6 +258,12 @@ class TokenLoader:
 
     def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         return to_batch([self.chunks[c] for c in self.chunk_ids(step, micro)])
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's next micro-batch: micro-steps 0 .. accum - 1 of one step, then the next step's."""
+        x, y = self.batch(self.step, self.micro)
+        self.step, self.micro = (self.step + 1, 0) if self.micro == self.accum - 1 else (self.step, self.micro + 1)
+        return x, y
 
 
 # --- stream mode ----------------------------------------------------------------------------------
@@ -274,8 +293,8 @@ class StreamLoader:
         self.buffer = list(state["buffer"])
         self._rows = None
 
-    def batch(self, step: int = 0, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next micro-batch (step and micro are accepted for TokenLoader's interface)."""
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next micro-batch."""
         if self._rows is None:
             self._rows = iter(self.dataset)
         need = self.micro_batch * self.seq_len + 1

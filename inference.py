@@ -2,7 +2,6 @@
 
   python inference.py --checkpoint checkpoints/tiny --prompt "ROMEO." --max-new-tokens 100
   python inference.py --checkpoint checkpoints/tiny --prompts-file prompts.txt --batch-size 32 --num-procs 2
-  python inference.py --checkpoint checkpoints/tiny --benchmark      # plots in generated_texts/
 
 Results come out in input order as soon as they are done (a killed run keeps what it wrote). With --num-procs
 N, N worker processes pull prompts from one shared queue; the parent never loads the model.
@@ -12,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import queue
 import time
 from collections.abc import Callable
@@ -21,11 +19,12 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from checkpoint import CheckpointError, config_and_tokenizer, load_checkpoint
-from config import ArgumentParser, exit_with_error, positive
-from engine import DTYPES, Engine, Request, encode_prompts, load_model
-from kernels import compile_cache_hits
+from checkpoint import CheckpointError, config_and_tokenizer, load_checkpoint, load_model
+from config import DTYPES, ArgumentParser, add_runtime_args, exit_with_error, positive
+from engine import Engine, LengthError, Request, encode_prompts
+from machine import MACHINE, prepare_process
 from model import GPT
+from runner import compile_cache_hits
 from tokenizer import Tokenizer
 
 SEED_PROMPTS = ["One day, Lily met a Shoggoth", "There was a girl called Rosy", "Once upon a time",
@@ -52,7 +51,6 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="int8 or int4 weights (GGUF blocks as they are, where the checkpoint kept them)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num-procs", type=positive(int), default=1,
                    help="worker processes (one GPU each, or a CPU thread share) on one shared queue")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens (benchmarks)")
@@ -62,8 +60,7 @@ def build_parser() -> ArgumentParser:
                         "each new batch shape pays a compile of ~30-60 s")
     p.add_argument("--output", help="write results as they finish, in input order: .jsonl or .md")
     p.add_argument("--stats-json", help="write the speed report as JSON")
-    p.add_argument("--benchmark", action="store_true", help="sweep batch sizes and process counts, plot")
-    p.add_argument("--bench-dir", default="generated_texts")
+    add_runtime_args(p)
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
 
@@ -78,14 +75,6 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--top-k must be at least 1 (got {args.top_k})")
     if not 0 < args.top_p <= 1:
         p.error(f"--top-p must be in (0, 1] (got {args.top_p})")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        p.error(f"unknown --device {args.device!r}; use cpu, cuda or cuda:N")
-    if device.type not in ("cpu", "cuda"):
-        p.error(f"unsupported --device {args.device!r}; use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda but no CUDA GPU is visible; use --device cpu")
 
 
 def resolve_new_tokens(args: argparse.Namespace, context: int) -> None:
@@ -131,12 +120,14 @@ class InOrder:
 
 def speed_report(engine: Engine, requests: int, wall: float) -> dict:
     s = engine.summary()
-    compiled = {"compile_s": s["compile_s"], "compile_cache": compile_cache_hits()} if engine.compiled else {}
-    return compiled | {"prefill_tokens_per_s": s["prefill_tokens"] / max(s["prefill_s"], 1e-9),
-            "decode_tokens_per_s": s["new_tokens"] / max(s["decode_s"], 1e-9),
-            "generated_tokens_per_s": s["new_tokens"] / wall, "wall_s": wall, "batch_size": len(engine.rows),
-            "batching": engine.batching, "new_tokens": s["new_tokens"], "prefill_tokens": s["prefill_tokens"],
-            "prompts": requests, "decode_steps": s["decode_steps"], "slot_utilisation": s["slot_utilisation"]}
+    compiled = {"compile_s": s["compile_s"], "compile_cache": compile_cache_hits()} if engine.runner.compiled else {}
+    return compiled | {
+        "prefill_tokens_per_s": s["prefill_tokens"] / max(s["prefill_s"], 1e-9),
+        "decode_tokens_per_s": s["new_tokens"] / max(s["decode_s"], 1e-9),
+        "generated_tokens_per_s": s["new_tokens"] / wall, "wall_s": wall, "batch_size": engine.rows,
+        "batching": engine.batching, "new_tokens": s["new_tokens"], "prefill_tokens": s["prefill_tokens"],
+        "prompts": requests, "decode_steps": s["decode_steps"], "slot_utilisation": s["slot_utilisation"],
+        "machine": MACHINE.summary()}
 
 
 def generate_all(model: GPT, tok: Tokenizer, prompts: list[list[int]], args: argparse.Namespace,
@@ -152,15 +143,14 @@ def generate_all(model: GPT, tok: Tokenizer, prompts: list[list[int]], args: arg
     t0 = time.perf_counter()
     for request in engine.run(make_request(i, ids, args, on_text) for i, ids in enumerate(prompts)):
         in_order(request)
-    report = speed_report(engine, len(prompts), time.perf_counter() - t0)
-    model.free_kv_cache()
-    return (None if emit else rows), report
+    return (None if emit else rows), speed_report(engine, len(prompts), time.perf_counter() - t0)
 
 
 # --- worker processes on one shared queue -----------------------------------------------------------
 def _worker(rank: int, args: argparse.Namespace, max_len: int, prompts: int, tasks, results) -> None:
     """One process: its own GPU (cuda:rank) or an equal share of the CPU threads. It takes the next prompt
     from the shared queue whenever one of its rows is free, so no worker idles while others have work."""
+    prepare_process(args.machine)
     if torch.device(args.device).type == "cuda":
         device = f"cuda:{rank % torch.cuda.device_count()}"
     else:
@@ -270,75 +260,12 @@ def speed_line(report: dict) -> str:
             f"{report['num_procs']} proc)")
 
 
-# --- --benchmark: batch-size and process-count sweeps ----------------------------------------------
-BENCH_BATCHES = (1, 2, 4, 8, 16, 32, 64)
-
-
-def benchmark(args: argparse.Namespace) -> None:
-    """tokens/s against batch size (with and without the KV cache) and against the number of processes."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    model, tok = load_model(args.checkpoint, args.device, args.dtype, args.quantize)
-    args.ignore_eos = True  # fixed-length rows: every configuration generates the same work
-    resolve_new_tokens(args, model.config.max_seq_len)
-    base = encode_prompts(tok, SEED_PROMPTS, args.max_new_tokens, model.config.max_seq_len)
-    results = {"device": args.device, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
-               "checkpoint": str(args.checkpoint), "batch_sweep": [], "proc_sweep": []}
-    for cache in (True, False):
-        for batch in BENCH_BATCHES:
-            run_args = argparse.Namespace(**{**vars(args), "batch_size": batch, "no_kv_cache": not cache,
-                                             "num_procs": 1})
-            report = run(run_args, [base[i % len(base)] for i in range(batch)], lambda i, r: None, model, tok)
-            results["batch_sweep"].append(report | {"kv_cache": cache})
-            print(f"kv_cache={cache!s:5} {speed_line(report)}")
-    n_gpus = torch.cuda.device_count() if torch.device(args.device).type == "cuda" else 0
-    max_procs = n_gpus or os.cpu_count() or 1
-    workload = [base[i % len(base)] for i in range(64)]
-    for n in sorted({1, 2, 4, 8, max_procs} & set(range(1, max_procs + 1))):
-        run_args = argparse.Namespace(**{**vars(args), "num_procs": n, "no_kv_cache": False})
-        report = run(run_args, workload, lambda i, r: None, model if n == 1 else None, tok)
-        results["proc_sweep"].append(report)
-        print(f"procs={n} {speed_line(report)}")
-
-    out = Path(args.bench_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "inference_speed.json").write_text(json.dumps(results, indent=1))
-    where = f"{args.device}, {args.dtype}, {args.max_new_tokens} new tokens"
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for cache in (True, False):
-        rows = [r for r in results["batch_sweep"] if r["kv_cache"] == cache]
-        ax.plot([r["batch_size"] for r in rows], [r["generated_tokens_per_s"] for r in rows], "o-",
-                label="KV cache" if cache else "no KV cache")
-    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="generated tokens/s",
-           title=f"Batched generation, one process ({where})")
-    ax.set_xticks(BENCH_BATCHES, [str(b) for b in BENCH_BATCHES])
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "inference_speed_1gpu.png", dpi=100)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    procs = results["proc_sweep"]
-    ax.plot([r["num_procs"] for r in procs], [r["generated_tokens_per_s"] for r in procs], "o-", label="total")
-    ax.set(xlabel="processes", ylabel="generated tokens/s",
-           title=f"64 prompts, batch {args.batch_size} per process ({where})")
-    ax.set_xticks([r["num_procs"] for r in procs])
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "inference_speed_distributed.png", dpi=100)
-    plt.close("all")
-    print(f"wrote {out}/inference_speed.json, inference_speed_1gpu.png, inference_speed_distributed.png")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
     try:
-        if args.benchmark:
-            benchmark(args)
-            return
+        prepare_process(args.machine)
         model = None
         if args.num_procs > 1:  # the workers load the model; here only its config and tokenizer
             config, tok = config_and_tokenizer(load_checkpoint(args.checkpoint, mmap=True))
@@ -347,7 +274,12 @@ def main(argv: list[str] | None = None) -> None:
             config = model.config
         texts = read_prompts(args)
         resolve_new_tokens(args, config.max_seq_len)
-        prompts = encode_prompts(tok, texts, args.max_new_tokens, config.max_seq_len, args.chat, args.truncate)
+        try:
+            prompts = encode_prompts(tok, texts, args.max_new_tokens, config.max_seq_len, args.chat, args.truncate)
+        except LengthError as e:
+            fix = "shorten it, lower --max-new-tokens, or pass --truncate to keep its end" if e.prompt_too_long \
+                else f"use --max-new-tokens of at most {config.max_seq_len - 1}"
+            raise ValueError(f"{e}; {fix}") from None
         single = len(prompts) == 1 and args.num_procs == 1
         if single:
             print(texts[0], end="", flush=True)

@@ -9,12 +9,14 @@
 // The activations stay fp32 and each group's product is d * sum(x * q) + m * sum(x), so the result is the
 // product with the dequantized weights up to the order of summation. A GEMV reads each weight once, so
 // its speed is how fast 0.6 (q4) or 1 (q8) byte per weight streams in: that is what beats fp32 at batch 1.
-// The AVX2 + FMA + F16C code is chosen at run time; any other CPU gets the plain loops, same results.
+// Each op takes the instruction set to run (isas() lists this CPU's, best first; the plain loops run anywhere),
+// so which code ran is the caller's explicit choice, never a silent fallback.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace {
@@ -181,10 +183,27 @@ void q8_rows_avx2(const Activations& a, int64_t M, int64_t K, const int8_t* q, c
     }
 }
 
-bool use_avx2(bool allowed) {
+bool cpu_has_avx2() {
     static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                             __builtin_cpu_supports("f16c");
-    return allowed && has;
+    return has;
+}
+
+// The instruction sets this CPU can run, best first; machine.py picks one (or a test pins one).
+std::vector<std::string> isas() {
+    std::vector<std::string> out;
+    if (cpu_has_avx2()) out.push_back("avx2");
+    out.push_back("plain");
+    return out;
+}
+
+enum class Isa { plain, avx2 };
+
+Isa check_isa(const std::string& isa) {
+    if (isa == "plain") return Isa::plain;
+    TORCH_CHECK(isa == "avx2", "unknown kernel instruction set '", isa, "'");
+    TORCH_CHECK(cpu_has_avx2(), "this CPU cannot run the '", isa, "' kernels");
+    return Isa::avx2;
 }
 
 void check_x(const at::Tensor& x, int64_t K) {
@@ -192,8 +211,8 @@ void check_x(const at::Tensor& x, int64_t K) {
                 "x must be a contiguous float32 matrix with ", K, " columns");
 }
 
-at::Tensor q4_linear_impl(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m,
-                          bool simd) {
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m,
+                     const std::string& isa) {
     const int64_t N = qs.size(0), K = qs.size(1) * 2, M = x.size(0), G = K / 32;
     check_x(x, K);
     TORCH_CHECK(K % 32 == 0 && qs.scalar_type() == at::kByte && d.scalar_type() == at::kFloat &&
@@ -201,7 +220,7 @@ at::Tensor q4_linear_impl(const at::Tensor& x, const at::Tensor& qs, const at::T
     auto y = at::empty({M, N}, x.options());
     const float* xp = x.data_ptr<float>();
     const float *dp = d.data_ptr<float>(), *mp = m.data_ptr<float>();
-    if (use_avx2(simd)) {
+    if (check_isa(isa) == Isa::avx2) {
         const Activations a = to_fixed_point(xp, M, K);
         at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
             q4_rows_avx2(a, M, K, qs.data_ptr<uint8_t>(), dp, mp, y.data_ptr<float>(), N, n0, n1);
@@ -216,14 +235,14 @@ at::Tensor q4_linear_impl(const at::Tensor& x, const at::Tensor& qs, const at::T
     return y;
 }
 
-at::Tensor q8_linear_impl(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, bool simd) {
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const std::string& isa) {
     const int64_t N = q.size(0), K = q.size(1), M = x.size(0), group = K / s.size(1);
     check_x(x, K);
     TORCH_CHECK(q.scalar_type() == at::kChar && s.scalar_type() == at::kFloat && K % 32 == 0 &&
                 (s.size(1) == 1 || s.size(1) == K / 32), "bad q8 weight layout: one scale per row or per 32");
     auto y = at::empty({M, N}, x.options());
     const float* xp = x.data_ptr<float>();
-    if (use_avx2(simd)) {
+    if (check_isa(isa) == Isa::avx2) {
         const Activations a = to_fixed_point(xp, M, K);
         at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
             q8_rows_avx2(a, M, K, q.data_ptr<int8_t>(), s.data_ptr<float>(), group, y.data_ptr<float>(), N, n0, n1);
@@ -236,34 +255,17 @@ at::Tensor q8_linear_impl(const at::Tensor& x, const at::Tensor& q, const at::Te
     return y;
 }
 
-at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m) {
-    return q4_linear_impl(x, qs, d, m, true);
-}
-at::Tensor q4_linear_plain(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m) {
-    return q4_linear_impl(x, qs, d, m, false);
-}
-at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s) {
-    return q8_linear_impl(x, q, s, true);
-}
-at::Tensor q8_linear_plain(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s) {
-    return q8_linear_impl(x, q, s, false);
-}
-
 }  // namespace
 
 // Dispatcher ops, so that a compiled graph calls them without going through Python.
 TORCH_LIBRARY(slm, lib) {
-    lib.def("q4_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor");
-    lib.def("q4_linear_plain(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor");
-    lib.def("q8_linear(Tensor x, Tensor q, Tensor s) -> Tensor");
-    lib.def("q8_linear_plain(Tensor x, Tensor q, Tensor s) -> Tensor");
+    lib.def("q4_linear(Tensor x, Tensor qs, Tensor d, Tensor m, str isa) -> Tensor");
+    lib.def("q8_linear(Tensor x, Tensor q, Tensor s, str isa) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(slm, CPU, lib) {
     lib.impl("q4_linear", &q4_linear);
-    lib.impl("q4_linear_plain", &q4_linear_plain);
     lib.impl("q8_linear", &q8_linear);
-    lib.impl("q8_linear_plain", &q8_linear_plain);
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {}
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) { module.def("isas", &isas); }

@@ -3,10 +3,12 @@
 Module names follow Hugging Face's LlamaForCausalLM (embed_tokens, layers.N.self_attn.q_proj, ...), so a
 HF state dict maps onto ours by dropping the leading "model.".
 
-Inference keeps a preallocated KV cache of `rows`, one row per sequence in flight. Each row has its own length
-and its tokens sit at slots 0, 1, ... of its row, which are also their RoPE positions: no row is padded against
-another. prefill() writes chunks of prompts into any rows; decode_step() adds one token to every row at once,
-with shapes that never change (for torch.compile and CUDA graphs). engine.py schedules requests onto the rows.
+Inference reads and writes a KV cache that the caller owns (runner.py) and passes in: one (k, v) pair per layer,
+of shape (rows, n_kv_head, slots, head_dim), one row per sequence in flight. Each row has its own length and its
+tokens sit at slots 0, 1, ... of its row, which are also their RoPE positions: no row is padded against another.
+step() runs one pass over flat tokens whose parts (Decode, Prefill) say how each attends the cache;
+decode_step() adds one token to every row at once, with shapes that never change (for torch.compile and CUDA
+graphs).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config import ModelConfig
-from kernels import Linear, project
+from layers import Linear, project
 
 IGNORE_INDEX = -100  # targets with this value do not count in the loss (padding)
 
@@ -55,6 +57,16 @@ class Decode:
     positions: torch.Tensor  # (rows,)
     mask: torch.Tensor       # (rows, 1, 1, S)
 
+    @classmethod
+    def at(cls, positions: torch.Tensor, slots: int) -> Decode:
+        """Row b's token at slot positions[b], attending over its slots 0 .. positions[b] of `slots`."""
+        keys = torch.arange(slots, device=positions.device)
+        return cls(positions, (keys[None] <= positions[:, None])[:, None, None])
+
+    @property
+    def tokens(self) -> int:
+        return self.mask.size(0)
+
     def attend(self, attn: Attention, q, k, v, kv):
         """q (H, rows, D), k and v (H_kv, rows, D) -> (H, rows, D)."""
         k_cache, v_cache = kv
@@ -75,6 +87,10 @@ class Prefill:
     token_t: torch.Tensor   # (N,) place in its chunk
     slots: torch.Tensor     # (N,) cache slot of each token
     mask: torch.Tensor      # (n, 1, T, S): T the longest chunk, S the longest row after this step
+
+    @property
+    def tokens(self) -> int:
+        return self.token_b.numel()
 
     def attend(self, attn: Attention, q, k, v, kv):
         """q (H, N, D), k and v (H_kv, N, D) -> (H, N, D)."""
@@ -117,7 +133,7 @@ class Attention(nn.Module):
         else:
             ys, start = [], 0
             for part in parts:
-                end = start + part.mask.size(0) if isinstance(part, Decode) else start + part.token_b.numel()
+                end = start + part.tokens
                 ys.append(part.attend(self, q[0, :, start:end], k[0, :, start:end], v[0, :, start:end], kv))
                 start = end
             y = (ys[0] if len(ys) == 1 else torch.cat(ys, dim=1))[None]
@@ -173,7 +189,6 @@ class GPT(nn.Module):
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # one (k, v) per layer
         self.apply(self._init_weights)
         # Residual-scaled init (GPT-2): each block adds two outputs to the residual stream.
         for name, p in self.named_parameters():
@@ -210,76 +225,23 @@ class GPT(nn.Module):
             return logits, loss
         return self.lm_head(x[:, -1:] if last_only else x), None
 
-    # --- KV cache: one row per sequence in flight ---------------------------------------------------
-    def setup_kv_cache(self, rows: int, length: int, dtype: torch.dtype | None = None) -> None:
-        """Preallocate per-layer K/V buffers of shape (rows, n_kv_head, length, head_dim). Separate tensors:
-        a compiled step writes into each in place (views of one big tensor made Inductor copy it whole)."""
-        if length > self.config.max_seq_len:
-            raise ValueError(f"KV cache length {length} exceeds max_seq_len {self.config.max_seq_len}")
-        shape = (rows, self.config.n_kv_head, length, self.config.head_dim)
-        options = {"dtype": dtype or self.norm.weight.dtype, "device": self.rope_cos.device}
-        self.kv_cache = [(torch.zeros(shape, **options), torch.zeros(shape, **options)) for _ in self.layers]
-        if self.rope_cos.is_cuda:  # CUDA graphs replay in-place writes only into inputs with fixed addresses
-            for k, v in self.kv_cache:
-                torch._dynamo.mark_static_address(k)
-                torch._dynamo.mark_static_address(v)
-
-    def free_kv_cache(self) -> None:
-        self.kv_cache = None
-
-    def step(self, kv_cache: list[tuple[torch.Tensor, torch.Tensor]],
-             decode: tuple[torch.Tensor, torch.Tensor] | None = None,
-             prefill: tuple[list[list[int]], list[int], list[int]] | None = None):
-        """One pass over an engine step's tokens, which read the weights once between them:
-        decode = (tokens, positions), one token for every cache row, at slot positions[b] of row b;
-        prefill = (chunks, rows, starts), prompt chunks: chunk b holds row rows[b]'s tokens for slots
-        starts[b], ... (the slots before are filled already).
-        kv_cache is self.kv_cache or views of its first S slots (S past every slot read or written); an
-        argument, not self.kv_cache, because Inductor freezing would fold an attribute in as a constant.
-        Returns the decode logits (rows, vocab) and the logits after each chunk's last token (n, vocab)."""
-        device = self.rope_cos.device
-        keys = torch.arange(kv_cache[0][0].size(2), device=device)
-        parts, ids, positions = [], [], []
-        if decode is not None:
-            tokens, slots = decode
-            parts.append(Decode(slots, (keys[None] <= slots[:, None])[:, None, None]))
-            ids.append(tokens)
-            positions.append(slots)
-        if prefill is not None:
-            chunks, rows, starts = prefill
-            lengths = torch.tensor([len(c) for c in chunks], device=device)
-            token_b = torch.repeat_interleave(torch.arange(len(chunks), device=device), lengths)
-            token_t = torch.arange(len(token_b), device=device) - (lengths.cumsum(0) - lengths)[token_b]
-            slots = torch.tensor(starts, device=device)[token_b] + token_t
-            longest = max(s + len(c) for s, c in zip(starts, chunks))
-            width = int(lengths.max())
-            queries = torch.tensor(starts, device=device)[:, None] + torch.arange(width, device=device)  # (n, T)
-            mask = (keys[:longest] <= queries[:, :, None]).unsqueeze(1)                                  # (n,1,T,S)
-            parts.append(Prefill(torch.tensor(rows, device=device), token_b, token_t, slots, mask))
-            ids.append(torch.tensor([t for c in chunks for t in c], device=device))
-            positions.append(slots)
-        ids, positions = torch.cat(ids), torch.cat(positions)
+    # --- inference over a KV cache: one row per sequence in flight ----------------------------------------
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, parts: list[Decode | Prefill],
+             kv_cache: list[tuple[torch.Tensor, torch.Tensor]], logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """One pass over an engine step's tokens, flat: ids and their positions (N,), part after part (a Decode
+        and prompt chunks, which read the weights once between them). Their keys and values go into kv_cache,
+        one (k, v) per layer, or views of their first S slots (S past every slot read or written); an argument,
+        not an attribute, because Inductor freezing would fold an attribute in as a constant.
+        Returns the logits of the tokens at logits_at (all of them: None)."""
         cos, sin = self.rope_cos[positions][None, None], self.rope_sin[positions][None, None]
         x = self.embed_tokens(ids[None])
         for layer, kv in zip(self.layers, kv_cache):
             x = layer(x, cos, sin, parts, kv)
-        x = x[0]
-        n_decode = decode[0].numel() if decode is not None else 0
-        decode_logits = self.lm_head(self.norm(x[:n_decode])) if decode is not None else None
-        prefill_logits = None
-        if prefill is not None:
-            prefill_logits = self.lm_head(self.norm(x[n_decode + lengths.cumsum(0) - 1]))
-        return decode_logits, prefill_logits
+        x = x[0] if logits_at is None else x[0, logits_at]
+        return self.lm_head(self.norm(x))
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor,
                     kv_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """step() with one token for every row and nothing else: shapes that never change (torch.compile,
-        CUDA graphs). Returns logits (rows, vocab)."""
-        return self.step(kv_cache, decode=(tokens, positions))[0]
-
-    def prefill(self, chunks: list[list[int]], rows: list[int], starts: list[int]) -> torch.Tensor:
-        """step() with prompt chunks only. Returns the logits after each chunk's last token, (n, vocab)."""
-        longest = max(s + len(c) for s, c in zip(starts, chunks))
-        if longest > self.kv_cache[0][0].size(2):
-            raise ValueError(f"row length {longest} does not fit the KV cache of {self.kv_cache[0][0].size(2)} slots")
-        return self.step(self.kv_cache, prefill=(chunks, rows, starts))[1]
+        """step() with one token for every row (rows[b] at slot positions[b]) and nothing else: shapes that
+        never change (torch.compile, CUDA graphs). Returns logits (rows, vocab)."""
+        return self.step(tokens, positions, [Decode.at(positions, kv_cache[0][0].size(2))], kv_cache)

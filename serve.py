@@ -15,15 +15,15 @@ import time
 import uuid
 from pathlib import Path
 
-import torch
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from checkpoint import CheckpointError
-from config import ArgumentParser, positive
-from engine import DTYPES, Engine, EngineThread, load_model
-from engine import Request as Generation
+from checkpoint import CheckpointError, load_model
+from config import DTYPES, ArgumentParser, add_runtime_args, positive
+from engine import Engine, EngineThread, LengthError, Request, check_lengths
+from machine import MACHINE, prepare_process
 from tokenizer import Tokenizer
 
 MAX_BODY_BYTES = 1 << 20     # a request body larger than this is refused (413)
@@ -70,7 +70,7 @@ def create_app(engine: EngineThread, tok: Tokenizer, model_name: str, api_key: s
         return error_response(e)
 
     @app.middleware("http")
-    async def check_key_and_size(request: Request, call_next):
+    async def check_key_and_size(request: HTTPRequest, call_next):
         try:
             if api_key is not None and request.url.path.startswith("/v1/") and \
                     request.headers.get("authorization") != f"Bearer {api_key}":
@@ -85,14 +85,15 @@ def create_app(engine: EngineThread, tok: Tokenizer, model_name: str, api_key: s
     @app.get("/health")
     async def health():
         e = engine.engine
-        return {"status": "ok", "active_rows": e.active(), "queued": e.queued(), "rows": len(e.rows)}
+        return {"status": "ok", "active_rows": e.active(), "queued": e.queued(), "rows": e.rows,
+                "machine": MACHINE.summary()}
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "slm"}]}
 
-    async def read_body(request: Request) -> dict:
+    async def read_body(request: HTTPRequest) -> dict:
         raw = await request.body()
         if len(raw) > MAX_BODY_BYTES:
             raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
@@ -114,19 +115,19 @@ def create_app(engine: EngineThread, tok: Tokenizer, model_name: str, api_key: s
             raise APIError(400, f"'n' must be 1 (one completion per request), not {body['n']!r}", "n")
         return body
 
-    def generation(body: dict, prompt: str, default_max: int | None) -> Generation:
+    def generation(body: dict, prompt: str, default_max: int | None) -> Request:
         """The engine request for a checked body; refuses what the model or the queue cannot take."""
         if len(prompt) > MAX_PROMPT_CHARS:
             raise APIError(400, f"the prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
         ids = tok.encode(prompt)
         room = max_len - len(ids)
-        if room < 1:
-            raise APIError(400, f"the prompt is {len(ids)} tokens; this server's context is {max_len}", "messages")
         name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = number(body, name, default_max or room, 1, 1 << 30, integer=True)
-        if max_tokens > room:
-            raise APIError(400, f"the prompt ({len(ids)} tokens) + {name} ({max_tokens}) exceeds this server's "
-                                f"context of {max_len} tokens; ask for at most {room}", name)
+        max_tokens = number(body, name, default_max or max(room, 1), 1, 1 << 30, integer=True)
+        try:
+            check_lengths(len(ids), max_tokens, max_len)
+        except LengthError as e:
+            fix = f"ask for at most {room} {name}" if room > 0 else "shorten the prompt"
+            raise APIError(400, f"{e} of this server; {fix}", "messages" if room < 1 else name) from None
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
@@ -138,10 +139,10 @@ def create_app(engine: EngineThread, tok: Tokenizer, model_name: str, api_key: s
         if engine.engine.queued() >= max_queue:
             raise APIError(429, f"the queue is full ({max_queue} requests waiting); retry in a second",
                            headers={"Retry-After": "1"})
-        return Generation(ids, max_tokens, number(body, "temperature", 1.0, 0, 2), top_k or None,
-                          number(body, "top_p", 1.0, 0, 1, open_low=True), seed=seed, stop=tuple(stop))
+        return Request(ids, max_tokens, number(body, "temperature", 1.0, 0, 2), top_k or None,
+                       number(body, "top_p", 1.0, 0, 1, open_low=True), seed=seed, stop=tuple(stop))
 
-    async def respond(request: Request, body: dict, gen: Generation, chat: bool):
+    async def respond(request: HTTPRequest, body: dict, gen: Request, chat: bool):
         loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
         gen.on_text = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)
         gen.on_done = lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None)
@@ -195,7 +196,7 @@ def create_app(engine: EngineThread, tok: Tokenizer, model_name: str, api_key: s
         return head | {"object": kind, "choices": [choice(gen.text, gen.finish_reason, False)], "usage": usage()}
 
     @app.post("/v1/completions")
-    async def completions(request: Request):
+    async def completions(request: HTTPRequest):
         body = await read_body(request)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
@@ -205,7 +206,7 @@ def create_app(engine: EngineThread, tok: Tokenizer, model_name: str, api_key: s
         return await respond(request, body, generation(body, prompt, 16), chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def chat_completions(request: HTTPRequest):
         body = await read_body(request)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(
@@ -234,11 +235,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="int8 or int4 weights")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first start)")
+    add_runtime_args(p)
     args = p.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        model, tok = load_model(args.checkpoint, device, args.dtype, args.quantize)
-    except CheckpointError as e:
+        prepare_process(args.machine)
+        model, tok = load_model(args.checkpoint, args.device, args.dtype, args.quantize)
+    except (CheckpointError, ValueError) as e:
         p.exit(1, f"error: {e}\n")
     path = Path(args.checkpoint)
     name = args.model_name or (path.parent.name if path.suffix == ".ckpt" else path.name)

@@ -29,3 +29,14 @@ def tok_path(small_tokenizer, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     small_tokenizer.save(path)
     return path
+
+
+@pytest.fixture
+def machine():
+    """machine.MACHINE for one test: pin choices with machine.pin("name=value"); they are restored after."""
+    from machine import MACHINE
+
+    MACHINE.read_environment()
+    saved = dict(MACHINE.values), dict(MACHINE.how)
+    yield MACHINE
+    MACHINE.values, MACHINE.how = saved

@@ -13,8 +13,7 @@ from gguf.quants import dequantize, quantize
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import convert
-import engine
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, load_model, model_from_checkpoint, save_checkpoint
 from config import get_config
 from engine import generate
 from model import GPT
@@ -261,7 +260,7 @@ def test_keep_quantized_blocks_run_exactly_as_gguf_stores_them(qtype, small_toke
     embedding, Q8_0 or not, serves both the lookup and the head. The checkpoint file is left as it was."""
     import hashlib
 
-    from kernels import QuantEmbedding, QuantLinear
+    from layers import QuantEmbedding, QuantLinear
 
     ckpt = ours_ckpt(shrunk(2, True), small_tokenizer)
     held = write_llama_gguf(tmp_path / "m.gguf", ckpt, small_tokenizer, qtype)
@@ -270,7 +269,7 @@ def test_keep_quantized_blocks_run_exactly_as_gguf_stores_them(qtype, small_toke
     assert done.returncode == 0, done.stderr
     digest = hashlib.sha256((tmp_path / "run" / "last.ckpt").read_bytes()).hexdigest()
     mode = "int8" if qtype == "Q8_0" else "int4"
-    model, _ = engine.load_model(str(tmp_path / "run"), "cpu", "fp32", mode)
+    model, _ = load_model(str(tmp_path / "run"), "cpu", "fp32", mode)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear) and "fused" not in name}
     assert len(layers) == model.config.n_layer * 7 + 1 and isinstance(model.embed_tokens, QuantEmbedding)
     for name, layer in layers.items():

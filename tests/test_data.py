@@ -72,15 +72,15 @@ def test_stream_loader_packs_and_resumes_exactly(tmp_path, small_tokenizer):
             "".join(json.dumps({"text": d}) + "\n" for d in docs[part * 100:(part + 1) * 100]))
     ds = data.open_dataset(str(tmp_path))
     loader = data.StreamLoader(ds, small_tokenizer, "text", seq_len=16, micro_batch=2)
-    batches = [loader.batch() for _ in range(2)]
+    batches = [loader.next_batch() for _ in range(2)]
     state = json.loads(json.dumps(loader.state_dict()))  # plain data, as stored in a checkpoint
-    later = [loader.batch() for _ in range(3)]
+    later = [loader.next_batch() for _ in range(3)]
     packed = [t for d in docs for t in [small_tokenizer.eos_id] + small_tokenizer.encode(d)]
     flat = [t for x, _ in batches + later for t in x.flatten().tolist()]
     assert flat == packed[:len(flat)]
     resumed = data.StreamLoader(data.open_dataset(str(tmp_path)), small_tokenizer, "text", seq_len=16, micro_batch=2)
     resumed.load_state_dict(state)
-    for (x, y), (rx, ry) in zip(later, [resumed.batch() for _ in range(3)]):
+    for (x, y), (rx, ry) in zip(later, [resumed.next_batch() for _ in range(3)]):
         assert (x == rx).all() and (y == ry).all()
 
 

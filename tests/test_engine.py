@@ -91,16 +91,15 @@ def test_decode_step_logits_equal_full_forward_of_each_sequence(model, monkeypat
     prompt chunks in the same pass), against a full forward of each row's sequence so far: within 1e-5 of
     the largest logit."""
     engine = Engine(model, rows=3, max_len=64, prefill_tokens=8)
-    steps, step = [], model.step
+    steps, forward = [], engine.runner.forward
 
-    def recording_step(kv, decode=None, prefill=None):
-        logits = step(kv, decode, prefill)
-        if decode is not None:
-            live = {i: row.request.prompt + row.request.tokens for i, row in enumerate(engine.rows)
-                    if row is not None and row.next_token is not None}
-            steps.append((live, logits[0].clone()))
-        return logits
-    monkeypatch.setattr(model, "step", recording_step)
+    def recording_forward(batch, running):
+        decode_logits, prefill_logits = forward(batch, running)
+        if decode_logits is not None:
+            live = {i: running[i].request.prompt + running[i].request.tokens for i in batch.sampled}
+            steps.append((live, dict(zip(batch.sampled, decode_logits.clone()))))
+        return decode_logits, prefill_logits
+    monkeypatch.setattr(engine.runner, "forward", recording_forward)
     run(engine, ragged_requests(6))
     checked = 0
     with torch.no_grad():

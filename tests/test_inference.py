@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import engine
 import inference
-from checkpoint import save_checkpoint
+from checkpoint import load_model, save_checkpoint
 from config import get_config
-from engine import generate, sample_next
+from engine import generate
 from model import GPT
+from runner import sample_next
 from tests.test_bad_input import assert_one_error_line
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +35,7 @@ def ckpt_dir(small_tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(ckpt_dir):
-    return engine.load_model(str(ckpt_dir), "cpu", "fp32")
+    return load_model(str(ckpt_dir), "cpu", "fp32")
 
 
 def gen_args(**kw):

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from config import get_config
 from model import GPT, apply_rope, rope_tables
+from runner import allocate_kv_cache, prefill_part
 
 
 def small_config(**kw):
@@ -65,6 +66,12 @@ def test_causality():
     assert not torch.allclose(lx[:, t:], ly[:, t:])  # the change does reach later positions
 
 
+def prefill(m: GPT, kv_cache, chunks: list[list[int]], rows: list[int], starts: list[int]) -> torch.Tensor:
+    """Prompt chunks into cache rows through GPT.step, as the runner builds them: the logits after each chunk."""
+    ids, positions, parts, ends = prefill_part(list(zip(rows, starts, chunks)), torch.device("cpu"))
+    return m.step(ids, positions, parts, kv_cache, ends)
+
+
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
 def test_prefill_and_decode_steps_match_full_forward_on_ragged_rows(n_kv_head):
     """Rows of different lengths at different positions: chunked prefill (one prompt in two chunks, the
@@ -75,11 +82,11 @@ def test_prefill_and_decode_steps_match_full_forward_on_ragged_rows(n_kv_head):
     rows = [torch.randint(0, 97, (n + n_decode,)) for n in lengths]
     with torch.no_grad():
         reference = [m(r[None])[0][0] for r in rows]  # (len, vocab) per row
-        m.setup_kv_cache(rows=4, length=32)  # one more row than used: it must not disturb the others
-        first = m.prefill([rows[1][:6].tolist()], [2], [0])
+        kv = allocate_kv_cache(m, rows=4, slots=32)  # one more row than used: it must not disturb the others
+        first = prefill(m, kv, [rows[1][:6].tolist()], [2], [0])
         assert torch.allclose(first[0], reference[1][5], atol=1e-5, rtol=0)
-        logits = m.prefill([rows[0][:5].tolist(), rows[1][6:13].tolist(), rows[2][:1].tolist()], [0, 2, 3],
-                           [0, 6, 0])
+        logits = prefill(m, kv, [rows[0][:5].tolist(), rows[1][6:13].tolist(), rows[2][:1].tolist()], [0, 2, 3],
+                         [0, 6, 0])
         for b, i in enumerate([0, 1, 2]):
             assert torch.allclose(logits[b], reference[i][lengths[i] - 1], atol=1e-5, rtol=0)
         cache_rows = [0, 2, 3]  # row i of the batch lives in cache row cache_rows[i]; cache row 1 is idle
@@ -87,19 +94,19 @@ def test_prefill_and_decode_steps_match_full_forward_on_ragged_rows(n_kv_head):
             tokens, positions = torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long)
             for i, row in enumerate(cache_rows):
                 tokens[row], positions[row] = rows[i][lengths[i] + step], lengths[i] + step
-            logits = m.decode_step(tokens, positions, m.kv_cache)
+            logits = m.decode_step(tokens, positions, kv)
             for i, row in enumerate(cache_rows):
                 assert torch.allclose(logits[row], reference[i][lengths[i] + step], atol=1e-5, rtol=0), (step, i)
 
 
 def test_decode_step_writes_each_row_in_place_at_its_slot():
     m = GPT(small_config()).eval()
-    m.setup_kv_cache(rows=2, length=16)
-    ptr = m.kv_cache[1][0].data_ptr()
+    kv = allocate_kv_cache(m, rows=2, slots=16)
+    ptr = kv[1][0].data_ptr()
     with torch.no_grad():
-        m.prefill([[1, 2, 3], [4]], [0, 1], [0, 0])
-        m.decode_step(torch.tensor([5, 6]), torch.tensor([3, 1]), m.kv_cache)
-    cache = m.kv_cache[1][0]  # layer 1's keys
+        prefill(m, kv, [[1, 2, 3], [4]], [0, 1], [0, 0])
+        m.decode_step(torch.tensor([5, 6]), torch.tensor([3, 1]), kv)
+    cache = kv[1][0]  # layer 1's keys
     assert cache.data_ptr() == ptr and cache.shape == (2, 2, 16, 8)
     assert cache[0, :, :4].abs().sum() > 0 and cache[0, :, 4:].abs().sum() == 0
     assert cache[1, :, :2].abs().sum() > 0 and cache[1, :, 2:].abs().sum() == 0

@@ -13,8 +13,7 @@ import openai
 import pytest
 import torch
 
-import engine
-from checkpoint import save_checkpoint
+from checkpoint import load_model, save_checkpoint
 from config import get_config
 from engine import Engine, Request
 from model import GPT
@@ -121,7 +120,7 @@ def test_stop_strings_and_seed(client):
 
 def solo_answers(checkpoint, n: int) -> list[str]:
     """Each chat prompt generated alone (one row), greedy, as the reference for the concurrent test."""
-    model, tok = engine.load_model(str(checkpoint), "cpu", "fp32")
+    model, tok = load_model(str(checkpoint), "cpu", "fp32")
     answers = []
     for i in range(n):
         ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": f"{QUESTIONS[i % 4]} {i}"}]))
@@ -176,8 +175,10 @@ BAD = [  # (json body or raw bytes, status, text in the message)
     ({"model": "gpt-4", "prompt": "hi"}, 404, "does not exist"),
     ({"model": "tiny-chat"}, 400, "'prompt' must be a non-empty string"),
     ({"model": "tiny-chat", "prompt": ""}, 400, "'prompt' must be a non-empty string"),
-    ({"model": "tiny-chat", "prompt": "hi", "max_tokens": 5000}, 400, "exceeds this server's context"),
-    ({"model": "tiny-chat", "prompt": "to be " * 300}, 400, "this server's context is 256"),
+    ({"model": "tiny-chat", "prompt": "hi", "max_tokens": 5000}, 400,
+     "5000 new tokens leave no room for a prompt in the 256-token context of this server"),
+    ({"model": "tiny-chat", "prompt": "to be " * 300}, 400,
+     "fit before 1 new tokens in the 256-token context of this server"),
     ({"model": "tiny-chat", "prompt": "hi", "temperature": -1}, 400, "'temperature' must be in [0, 2]"),
     ({"model": "tiny-chat", "prompt": "hi", "top_p": 0}, 400, "'top_p' must be in (0, 1]"),
     ({"model": "tiny-chat", "prompt": "hi", "max_tokens": "ten"}, 400, "'max_tokens' must be an integer"),

@@ -1,5 +1,4 @@
 """train.py: DDP over real gloo processes vs one process, accumulation, exact resume, schedule, checkpoints."""
-import argparse
 import json
 import math
 import os
@@ -8,17 +7,15 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-import data
 import train
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from config import get_config
+from machine import peak_matmul_flops
 from model import GPT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,30 +119,6 @@ def test_compile_trains_and_saves_plain_names(tok_path, tmp_path):
     assert_same_run(eager, compiled, atol=1e-4)
 
 
-def test_evaluate_bits_per_byte_against_an_independent_count(small_tokenizer, shakespeare_dir):
-    """evaluate() batches chunks and counts bytes with a per-token table. The reference scores one window at a
-    time in float64 and counts the bytes of the targets decoded back to text by the tokenizer."""
-    tok, seq = small_tokenizer, 64
-    text = (shakespeare_dir / "tempest_gut.txt").read_text()[:20000]
-    ids = np.array([tok.eos_id] + tok.encode(text), dtype=np.uint16)
-    chunks = data.Chunks([ids], seq)
-    torch.manual_seed(0)
-    model = GPT(get_config("tiny", vocab_size=512, n_layer=2, d_model=64, n_head=4, n_kv_head=2, ffn_hidden=128,
-                           max_seq_len=seq))
-    loss, bpb = train.evaluate(model, chunks, data.token_byte_lengths(tok), 8, nullcontext(), 0, 1,
-                               torch.device("cpu"))
-    nats = 0.0
-    with torch.no_grad():
-        for c in range(len(chunks)):
-            window = torch.from_numpy(ids[c * seq: (c + 1) * seq + 1].astype(np.int64))
-            log_probs = model(window[None, :-1])[0][0].double().log_softmax(-1)
-            nats -= log_probs.gather(-1, window[1:, None]).sum().item()
-    targets = ids[1: len(chunks) * seq + 1].tolist()  # the windows' targets, end to end
-    n_bytes = len(tok.hf.decode(targets, skip_special_tokens=True).encode("utf-8"))
-    assert loss == pytest.approx(nats / len(targets), rel=1e-5)
-    assert bpb == pytest.approx(nats / math.log(2) / n_bytes, rel=2e-4)
-
-
 def test_gradient_accumulation_equals_big_batch(tok_path, tmp_path):
     four_by_two = run_in_process(small_run(tok_path, tmp_path / "a", "--max-steps", "2", "--micro-batch", "2",
                                            "--tokens-per-step", "512"))
@@ -165,23 +138,6 @@ def test_resume_is_exact(tok_path, tmp_path, recipe):
     # One flag trains further from a finished run, at the final (minimum) learning rate.
     more = run_in_process(small_run(tok_path, tmp_path / "split", "--resume", "--more-steps", "2", *recipe))
     assert more["step"] == 8 and more["train_args"]["decay_steps"] == 6
-
-
-def test_lr_schedule_values():
-    """Closed form: linear warmup over warmup_frac of the run, cosine to min_lr at its end, min_lr after."""
-    args = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup_frac=0.1, schedule="cosine")
-    assert train.lr_at(0.05, args) == pytest.approx(5e-4)
-    assert train.lr_at(0.1, args) == pytest.approx(1e-3)
-    assert train.lr_at(0.55, args) == pytest.approx(1e-4 + 0.5 * 9e-4)
-    assert train.lr_at(1.0, args) == pytest.approx(1e-4)
-    assert train.lr_at(1.7, args) == pytest.approx(1e-4)
-    after_warmup = [train.lr_at(0.1 + i / 100, args) for i in range(91)]
-    assert all(a > b for a, b in zip(after_warmup, after_warmup[1:]))
-    args = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup_frac=0.1, schedule="wsd", decay_frac=0.2)
-    assert train.lr_at(0.05, args) == pytest.approx(5e-4)
-    assert train.lr_at(0.1, args) == train.lr_at(0.5, args) == train.lr_at(0.8, args) == pytest.approx(1e-3)
-    assert train.lr_at(0.9, args) == pytest.approx(0.5 * (1e-3 + 1e-4))
-    assert train.lr_at(1.0, args) == pytest.approx(1e-4) and train.lr_at(1.3, args) == pytest.approx(1e-4)
 
 
 def without(argv: list[str], flag: str) -> list[str]:
@@ -229,31 +185,6 @@ def test_mfu_is_never_above_100_percent(tok_path, tmp_path, capsys):
     assert "re-measured" in out
 
 
-def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
-    model = GPT(get_config("tiny", n_layer=2, tie_embeddings=False))
-    opt = train.make_optimizer(model, argparse.Namespace(lr=1e-3, muon_lr=2e-2, weight_decay=0.1, optimizer="muon"))
-    names = {id(p): n for n, p in model.named_parameters()}
-    muon = {names[id(p)] for group in opt.parts["muon"].param_groups for p in group["params"]}
-    adamw = {names[id(p)] for group in opt.parts["adamw"].param_groups for p in group["params"]}
-    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    assert muon == {f"layers.{i}.{part}.{p}.weight" for i in range(2) for part, ps in
-                    (("self_attn", projections[:4]), ("mlp", projections[4:])) for p in ps}
-    assert adamw == set(names.values()) - muon and {"embed_tokens.weight", "lm_head.weight"} <= adamw
-    assert opt.parts["muon"].param_groups[0]["lr"] == 2e-2 and opt.parts["adamw"].param_groups[0]["lr"] == 1e-3
-
-
-def test_weight_decay_groups():
-    model = GPT(get_config("tiny", n_layer=2))
-    opt = train.make_optimizer(model, argparse.Namespace(lr=1e-3, weight_decay=0.1, optimizer="adamw"))
-    decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    decayed = {id(p) for p in decay["params"]}
-    names = {n for n, p in model.named_parameters() if id(p) in decayed}
-    assert "embed_tokens.weight" in names and "layers.1.mlp.down_proj.weight" in names
-    assert not any("norm" in n for n in names)
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
-
-
 def test_atomic_checkpoint_survives_a_failed_write(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
     save_checkpoint(path, {"model": {"w": torch.ones(3)}, "config": {}, "step": 1})
@@ -285,4 +216,4 @@ def test_flops_per_token_counts_head_once():
         n = GPT(cfg).num_params()
         lookup = 0 if tied else cfg.vocab_size * cfg.d_model
         assert train.flops_per_token(cfg, 256, n) == 6 * (n - lookup) + 12 * cfg.n_layer * cfg.d_model * 256
-    assert math.isfinite(train.measure_peak_flops(torch.device("cpu"), torch.float32))
+    assert math.isfinite(peak_matmul_flops(torch.device("cpu"), torch.float32))

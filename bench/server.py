@@ -1,0 +1,125 @@
+"""Load on OpenAI-compatible servers over loopback: ours (serve.py) against llama.cpp's, streamed chat."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import CHAT_PROMPTS, percentile, start_server
+from checkpoint import config_and_tokenizer, load_checkpoint
+
+
+async def load_test(url: str, bodies: list[dict], clients: int) -> dict:
+    """`clients` concurrent streaming clients work through the requests in order, each taking the next as soon as
+    its last one is done. Per request: start, the arrival time of each text chunk, the text and any error."""
+    import asyncio
+
+    import httpx
+
+    todo, done = list(enumerate(bodies))[::-1], []
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while todo:
+            i, body = todo.pop()
+            start, stamps, text, error = time.perf_counter(), [], [], None
+            try:
+                async with http.stream("POST", url, json=body) as r:
+                    if r.status_code != 200:
+                        error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            piece = json.loads(line[6:])["choices"][0].get("delta", {}).get("content")
+                            if piece:
+                                stamps.append(time.perf_counter())
+                                text.append(piece)
+            except httpx.HTTPError as e:
+                error = f"{type(e).__name__}: {e}"
+            done.append({"i": i, "start": start, "stamps": stamps, "text": "".join(text), "error": error})
+
+    async with httpx.AsyncClient(timeout=900, limits=httpx.Limits(max_connections=clients)) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    return {"wall_s": time.perf_counter() - t0, "requests": sorted(done, key=lambda d: d["i"])}
+
+
+def bench_serve(ckpt_path: str, threads: int, levels: list[int], requests: int = 64, max_tokens: int = 128,
+                rows: int = 32) -> list[dict]:
+    """Load on an OpenAI-compatible server over loopback: `requests` chat prompts (every 4th of prompts/chat.txt:
+    questions, lists and stories), greedy, streamed, at 1/8/32/64 concurrent clients. Ours (serve.py, int4,
+    32 rows) and llama.cpp's server (python -m llama_cpp.server, the same GGUF and threads) in the same run.
+    Tokens are counted by re-encoding each answer with the model's tokenizer, the same for both."""
+    import asyncio
+
+    import httpx
+
+    ckpt = load_checkpoint(ckpt_path, mmap=True)
+    _, tok = config_and_tokenizer(ckpt)  # the tokenizer alone: the servers load the model
+    texts = CHAT_PROMPTS.read_text().splitlines()[::4][:requests]
+    bodies = [{"messages": [{"role": "user", "content": t}], "max_tokens": max_tokens,
+               "temperature": 0, "stream": True} for t in texts]
+    servers = {"ours (serve.py, int4)": [sys.executable, "serve.py", "--checkpoint", ckpt_path,
+                                         "--port", "8931", "--quantize", "int4", "--batch-size", str(rows)]}
+    gguf = ckpt.get("source")
+    if gguf and Path(gguf).is_file() and all(map(importlib.util.find_spec, ("llama_cpp", "sse_starlette"))):
+        servers["llama.cpp (llama_cpp.server)"] = [
+            sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", "8932",
+            "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "2048",
+            "--interrupt_requests", "False"]  # its default drops a running stream when the next request comes
+    else:
+        print("serve: llama.cpp's server is not installed (make bench-install); ours alone")
+    out = []
+    for name, command in servers.items():
+        port = command[command.index("--port") + 1]
+        server = start_server(command, f"http://127.0.0.1:{port}/v1/models",
+                              Path(tempfile.gettempdir()) / f"bench_serve_{port}.log", threads)
+        try:
+            model = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
+            bodies = [b | {"model": model} for b in bodies]
+            asyncio.run(load_test(f"http://127.0.0.1:{port}/v1/chat/completions", bodies[:2], 1))  # warm-up
+            for clients in levels:
+                run = asyncio.run(load_test(f"http://127.0.0.1:{port}/v1/chat/completions", bodies, clients))
+                done = run["requests"]
+                ttft = [d["stamps"][0] - d["start"] for d in done if d["stamps"]] or [float("nan")]
+                itl = [b - a for d in done for a, b in zip(d["stamps"], d["stamps"][1:])] or [float("nan")]
+                tokens = sum(len(tok.encode(d["text"])) for d in done)
+                errors = [d["error"] or "no text" for d in done if d["error"] or not d["text"]]
+                row = {"server": name, "clients": clients, "requests": len(done), "errors": len(errors),
+                       "error_examples": errors[:3], "wall_s": run["wall_s"], "req_s": len(done) / run["wall_s"],
+                       "tok_s": tokens / run["wall_s"], "completion_tokens": tokens,
+                       "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
+                       "itl_p50_ms": 1e3 * percentile(itl, 0.5), "itl_p99_ms": 1e3 * percentile(itl, 0.99)}
+                out.append(row)
+                print(f"serve {name:30} {clients:3} clients: {row['req_s']:5.2f} req/s {row['tok_s']:6.1f} tok/s, "
+                      f"TTFT p50 {row['ttft_p50_s']:.2f} p99 {row['ttft_p99_s']:.2f} s, ITL p50 "
+                      f"{row['itl_p50_ms']:.0f} p99 {row['itl_p99_ms']:.0f} ms, {row['errors']} errors")
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    return out
+
+
+def run(args) -> list[dict]:
+    return bench_serve(args.checkpoint, args.threads, args.clients)
+
+
+def plot(rows: list[dict], ax_grid):
+    fig, (left, mid, right) = ax_grid(1, 3, figsize=(16, 4))
+    for name in dict.fromkeys(r["server"] for r in rows):
+        mine = [r for r in rows if r["server"] == name]
+        clients = [r["clients"] for r in mine]
+        left.plot(clients, [r["tok_s"] for r in mine], "o-", label=name)
+        for ax, key, unit in ((mid, "ttft", "_s"), (right, "itl", "_ms")):
+            ax.plot(clients, [r[f"{key}_p50{unit}"] for r in mine], "o-", label=f"{name} p50")
+            ax.plot(clients, [r[f"{key}_p99{unit}"] for r in mine], "o--", label=f"{name} p99")
+    left.set(ylabel="generated tokens/s", title="Throughput (SmolLM2-135M chat, greedy, streamed)")
+    mid.set(ylabel="seconds", yscale="log", title="Time to first token")
+    right.set(ylabel="ms", yscale="log", title="Inter-token latency")
+    for ax in (left, mid, right):
+        ax.set(xlabel="concurrent clients", xscale="log")
+        ax.set_xticks([r["clients"] for r in rows], [str(r["clients"]) for r in rows])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig

@@ -1,0 +1,125 @@
+"""Every per-machine choice in one object: decided once per process, printed, pinnable, the same on every rank.
+
+A choice is decided the first time something needs it, by the measurement its owner passes in (the GEMM
+timings live beside the layers they time), and then never changes for the life of the process. Pin any of
+them, for tests or for a machine you know, with an environment variable or a script's --machine flag:
+
+  SLM_MACHINE="bf16_gemms_in_fp32=0,dense_min_rows=8" python inference.py ...
+  python train.py --machine quant_kernel=plain ...
+
+DDP ranks call share() after the process group starts: rank 0's choices become every rank's, so a busy
+moment on one rank cannot send the ranks down different paths.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+# name: (type, what it decides)
+CHOICES: dict[str, tuple[type, str]] = {
+    "bf16_gemms_in_fp32": (bool, "bf16 GEMMs run on the fp32 kernel, where this CPU's bf16 unit is the slower"),
+    "dense_min_rows": (int, "rows from which a quantized layer runs a GEMM on its dequantized weights"),
+    "quant_kernel": (str, "the int8/int4 kernels' instruction set (the best this CPU has, or plain)"),
+}
+ENV = "SLM_MACHINE"
+CACHE = Path(__file__).resolve().parent / ".cache"
+
+
+class Machine:
+    """The decided choices, and how each was decided: measured, pinned or shared (from rank 0)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, object] = {}
+        self.how: dict[str, str] = {}
+        self.pins_read = False
+
+    def decide(self, name: str, measure: Callable[[], object]) -> object:
+        """The choice `name`: pinned, already decided, or measured now (once)."""
+        self.read_environment()
+        if name not in self.values:
+            self.values[name], self.how[name] = CHOICES[name][0](measure()), "measured"
+        return self.values[name]
+
+    def read_environment(self) -> None:
+        """The pins in SLM_MACHINE, once (before a script's --machine pins, which win)."""
+        if not self.pins_read:
+            self.pins_read = True
+            self.pin(os.environ.get(ENV, ""))
+
+    def pin(self, text: str, how: str = "pinned") -> None:
+        """Fix choices from "name=value,name=value" (bools as 0/1); an unknown name or value is a ValueError."""
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            name, _, value = item.partition("=")
+            if name not in CHOICES or not value:
+                raise ValueError(f"--machine/{ENV}: {item!r} is not name=value with a name among "
+                                 f"{', '.join(CHOICES)}")
+            kind = CHOICES[name][0]
+            try:
+                self.values[name] = bool(int(value)) if kind is bool else kind(value)
+            except ValueError:
+                raise ValueError(f"--machine/{ENV}: {name} takes a {kind.__name__}, not {value!r}") from None
+            self.how[name] = how
+
+    def share(self) -> None:
+        """DDP: every rank takes rank 0's choices (call on every rank, after rank 0 has decided what it needs)."""
+        import torch.distributed as dist
+
+        box = [self.summary()["choices"] if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        if dist.get_rank() != 0:
+            self.pin(",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in box[0].items()), "shared")
+
+    def summary(self) -> dict:
+        return {"choices": dict(self.values), "how": dict(self.how)}
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v} ({self.how[k]})" for k, v in self.values.items()) or "nothing decided yet"
+
+
+MACHINE = Machine()
+
+
+def best_time(fn: Callable[[], object], repeats: int = 5) -> float:
+    """Seconds of the fastest of `repeats` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def peak_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of an n x n matmul in `dtype`, the best of several timings: what this machine can do at best."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+
+    def matmul():
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return 2 * n ** 3 / best_time(matmul, repeats)
+
+
+def prepare_process(pins: str = "") -> None:
+    """Process-wide settings that every entry point applies first (never an import): its --machine pins, and
+    - compiled artifacts persist in .cache/inductor (gitignored), so a second run of the same shape skips most
+      of the compile;
+    - glibc keeps freed blocks up to 32 MB for reuse instead of returning them to the OS, so the next activation
+      of that size does not page-fault its memory in again (prefill and training 10-15% faster on an Intel VM
+      here, for transformers too). Only where glibc is the libc."""
+    MACHINE.read_environment()
+    MACHINE.pin(pins)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE / "inductor"))
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)
+    libc.mallopt(m_trim_threshold, 1 << 30)

@@ -1,0 +1,221 @@
+"""The model runner: owns the KV cache, turns a scheduled Batch into one forward pass, and samples.
+
+A pass holds a decode part (one token for each running row, static shapes) and prompt chunks, so a step that
+admits prompts still reads the weights once. Eager passes span the rows up to the highest one in use and the
+cache slots up to the longest row (rounded up to 64), so a step costs time linear in what is in use. The
+compiled decode step (torch.compile: frozen, prepacked weights on CPU, CUDA graphs on GPU) runs every row and
+every slot, its shapes fixed; prompt chunks then go through the eager pass first.
+"""
+from __future__ import annotations
+
+import time
+import types
+import weakref
+
+import torch
+
+from layers import QuantLinear, dense_min_rows, quant_kernel
+from model import GPT, Decode, Prefill
+from scheduler import Batch, Sequence
+
+KV_WINDOW = 64  # eager passes read the cache slots in use, rounded up to this
+
+
+def allocate_kv_cache(model: GPT, rows: int, slots: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer K/V buffers of shape (rows, n_kv_head, slots, head_dim), in the model's dtype. Separate tensors:
+    a compiled step writes into each in place (views of one big tensor made Inductor copy it whole)."""
+    cfg = model.config
+    if slots > cfg.max_seq_len:
+        raise ValueError(f"KV cache length {slots} exceeds max_seq_len {cfg.max_seq_len}")
+    shape = (rows, cfg.n_kv_head, slots, cfg.head_dim)
+    options = {"dtype": model.norm.weight.dtype, "device": model.rope_cos.device}
+    cache = [(torch.zeros(shape, **options), torch.zeros(shape, **options)) for _ in model.layers]
+    if model.rope_cos.is_cuda:  # CUDA graphs replay in-place writes only into inputs with fixed addresses
+        for k, v in cache:
+            torch._dynamo.mark_static_address(k)
+            torch._dynamo.mark_static_address(v)
+    return cache
+
+
+class ModelRunner:
+    def __init__(self, model: GPT, rows: int, max_len: int, compile: bool = False, use_cache: bool = True):
+        """use_cache=False recomputes every sequence whole at every step (for comparison only)."""
+        self.model, self.rows, self.max_len, self.use_cache = model, rows, max_len, use_cache
+        self.device = model.rope_cos.device
+        self.kv_cache = allocate_kv_cache(model, rows, max_len) if use_cache else None
+        self.compiled = compile and use_cache
+        self.decode_step = compile_decode_step(model) if self.compiled else model.decode_step
+
+    @property
+    def compile_seconds(self) -> float:
+        return self.decode_step.seconds if self.compiled else 0.0
+
+    def forward(self, batch: Batch, running: list[Sequence | None]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The logits of the batch's sampled rows (len(batch.sampled), vocab) and after each prompt chunk
+        (len(batch.chunks), vocab); None for a part the batch does not have."""
+        if not self.use_cache:
+            return self.forward_without_cache(batch, running)
+        chunks = prefill_part(batch.chunks, self.device) if batch.chunks else None
+        span = self.rows if self.compiled else batch.span
+        slots = self.max_len if self.compiled else min(self.max_len, -(-batch.length // KV_WINDOW) * KV_WINDOW)
+        kv = self.kv_cache if (span, slots) == (self.rows, self.max_len) else \
+            [(k[:span, :, :slots], v[:span, :, :slots]) for k, v in self.kv_cache]
+        decode = None
+        if batch.sampled:
+            fill = [(0, 0)] * (span - len(batch.decode))  # rows past the highest in use: slot 0 of a free row
+            tokens, positions = (torch.tensor(column, device=self.device) for column in zip(*batch.decode, *fill))
+            decode = (tokens, positions)
+        sampled = torch.tensor(batch.sampled, device=self.device)
+        if self.compiled or chunks is None:  # the decode step alone, after the prompt chunks
+            prefill_logits = self.model.step(chunks[0], chunks[1], chunks[2], kv, chunks[3]) if chunks else None
+            decode_logits = self.decode_step(*decode, kv)[sampled] if decode else None
+            return decode_logits, prefill_logits
+        ids, positions, parts, ends = chunks
+        if decode:
+            ids, positions = torch.cat([decode[0], ids]), torch.cat([decode[1], positions])
+            parts = [Decode.at(decode[1], slots), *parts]
+            ends = torch.cat([sampled, span + ends])
+        logits = self.model.step(ids, positions, parts, kv, ends)
+        return (logits[:len(batch.sampled)] if decode else None), logits[-len(batch.chunks):]
+
+    def forward_without_cache(self, batch: Batch, running: list[Sequence | None]):
+        """Next-token logits of whole sequences, recomputed from scratch (right padding is causal-safe)."""
+        def logits_of(sequences: list[list[int]]) -> torch.Tensor:
+            width = max(len(s) for s in sequences)
+            idx = torch.tensor([s + [0] * (width - len(s)) for s in sequences], device=self.device)
+            logits, _ = self.model(idx)
+            return logits[torch.arange(len(sequences)), torch.tensor([len(s) - 1 for s in sequences])]
+        prefill = logits_of([running[row].request.prompt for row, _, _ in batch.chunks]) if batch.chunks else None
+        decode = logits_of([running[row].request.prompt + running[row].request.tokens for row in batch.sampled]) \
+            if batch.sampled else None
+        return decode, prefill
+
+    def sample(self, sequences: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """Next token of each sequence (logits (n, vocab)): the greedy ones from one argmax, the others each with
+        its own settings and generator. Reading them back waits for the device."""
+        greedy = logits.argmax(dim=-1).tolist()
+        tokens = []
+        for b, seq in enumerate(sequences):
+            r = seq.request
+            if r.temperature == 0:
+                tokens.append(greedy[b])
+                continue
+            if seq.generator is None and r.seed is not None:
+                seq.generator = torch.Generator(self.device).manual_seed(r.seed)
+            tokens.append(int(sample_next(logits[b:b + 1], r.temperature, r.top_k, r.top_p, seq.generator)[0]))
+        return tokens
+
+
+def prefill_part(chunks: list[tuple[int, int, list[int]]], device: torch.device):
+    """Prompt chunks (row, first slot, tokens) as one step's flat ids and positions, their Prefill part, and
+    where each chunk ends among them."""
+    rows = [row for row, _, _ in chunks]
+    starts = torch.tensor([start for _, start, _ in chunks], device=device)
+    lengths = torch.tensor([len(c) for _, _, c in chunks], device=device)
+    token_b = torch.repeat_interleave(torch.arange(len(chunks), device=device), lengths)
+    token_t = torch.arange(len(token_b), device=device) - (lengths.cumsum(0) - lengths)[token_b]
+    slots = starts[token_b] + token_t
+    longest = max(start + len(c) for _, start, c in chunks)
+    queries = starts[:, None] + torch.arange(int(lengths.max()), device=device)              # (n, T)
+    mask = (torch.arange(longest, device=device) <= queries[:, :, None]).unsqueeze(1)      # (n, 1, T, S)
+    part = Prefill(torch.tensor(rows, device=device), token_b, token_t, slots, mask)
+    ids = torch.tensor([t for _, _, c in chunks for t in c], device=device)
+    return ids, slots, [part], lengths.cumsum(0) - 1
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> next ids (B,). temperature 0 is greedy; top-p keeps the smallest set of most
+    likely tokens whose probability mass reaches p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # drop a token once the ones before it reach p
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# --- the compiled decode step -------------------------------------------------------------------------------
+# Inductor on CPU: freezing folds the weights into the graph and prepacks them (MKL for fp32, oneDNN for bf16);
+# concat_linear fuses q/k/v and gate/up into one GEMM each; emulate_precision_casts rounds bf16 where eager does,
+# so that greedy tokens stay close to the plain path's; the C++ wrapper calls the kernels without Python.
+# Quantized models are not frozen: their kernels prepack nothing, their step was faster unfrozen (8.6 vs 9.5 ms),
+# and only unfrozen graphs hit AOTAutograd's disk cache (a second start: 10 s instead of 23).
+CPU_DECODE_COMPILE_OPTIONS = {"freezing": True, "cpp.enable_concat_linear": True, "emulate_precision_casts": True,
+                              "cpp_wrapper": True}
+COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its compiled step, made once
+
+
+class CompiledDecodeStep:
+    """model.decode_step through torch.compile, one per model (every runner over the model shares it). On GPU it
+    replays as CUDA graphs. On CPU, Inductor freezing folds the weights into the graph as constants and
+    prepacks them, which is why the KV cache is an argument of decode_step and not an attribute (it would be
+    frozen too). Frozen means frozen: weights changed after the first call are not seen. Each new shape
+    compiles once; `seconds` is the time spent compiling."""
+
+    def __init__(self, model: GPT):
+        self.model, self.seconds, self.shapes = weakref.proxy(model), 0.0, set()  # the cache must not keep it
+        self.quantized = any(isinstance(m, QuantLinear) for m in model.modules())
+        if model.rope_cos.is_cuda:
+            self.options = {}
+            self.compiled = torch.compile(own_code(model), mode="reduce-overhead", fullgraph=True, dynamic=False)
+        else:
+            self.options = CPU_DECODE_COMPILE_OPTIONS | {"freezing": not self.quantized}
+            # Module guards go (0.7 ms a step): the weights are fixed for the graph's life, frozen or not.
+            self.compiled = torch.compile(own_code(model), fullgraph=True, dynamic=False, options={
+                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, kv_cache) -> torch.Tensor:
+        shape = (tuple(tokens.shape), tuple(kv_cache[0][0].shape), kv_cache[0][0].dtype)
+        if shape in self.shapes:
+            return self.compiled(tokens, positions, kv_cache)
+        import torch._inductor.config as inductor_config
+
+        t0 = time.perf_counter()
+        if self.quantized:  # the machine's choices, decided before tracing (the trace reads them)
+            quant_kernel()
+            if tokens.size(0) >= dense_min_rows():
+                for module in self.model.modules():  # the GEMM path's fp32 weights, made before tracing
+                    if isinstance(module, QuantLinear) and module.dense is None:
+                        module.dense = module.dequantize()
+        # A config patch, not torch.compile(options=...): freezing set through options is not seen by the
+        # compile and the step stays unfrozen (measured: 40% slower). Only a new shape compiles.
+        with inductor_config.patch(self.options):
+            logits = self.compiled(tokens, positions, kv_cache)
+        self.shapes.add(shape)
+        self.seconds += time.perf_counter() - t0
+        return logits
+
+
+def compile_decode_step(model: GPT) -> CompiledDecodeStep:
+    if model not in COMPILED:
+        COMPILED[model] = CompiledDecodeStep(model)
+    return COMPILED[model]
+
+
+def own_code(model: GPT):
+    """model.decode_step as a function with a code object of its own. Dynamo keeps one cache per code object
+    and, without module guards, could not tell two models' compiled steps apart (bench loads several)."""
+    ref = weakref.ref(model)  # not the model itself: COMPILED's entry for it would keep it alive for ever
+
+    def decode_step(tokens, positions, kv_cache):
+        return ref().decode_step(tokens, positions, kv_cache)
+    code = decode_step.__code__.replace(co_name=f"decode_step_{id(model):x}")
+    return types.FunctionType(code, decode_step.__globals__, code.co_name, None, decode_step.__closure__)
+
+
+def compile_cache_hits() -> dict:
+    """This process's hits and misses of Inductor's FX-graph cache and AOTAutograd's cache on disk."""
+    from torch._dynamo.utils import counters
+
+    inductor, aot = counters["inductor"], counters["aot_autograd"]
+    return {"fx_graph_hit": inductor["fxgraph_cache_hit"], "fx_graph_miss": inductor["fxgraph_cache_miss"],
+            "aot_autograd_hit": aot["autograd_cache_hit"], "aot_autograd_miss": aot["autograd_cache_miss"]}

@@ -1,0 +1,172 @@
+"""layers.py and kernels.cpp: each linear path against an exact reference, with the machine's choice pinned and
+the path that ran asserted."""
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import layers
+from config import get_config
+from layers import Linear
+from model import GPT
+
+
+def small_config(**kw):
+    base = dict(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, ffn_hidden=48, max_seq_len=64,
+                tie_embeddings=True)
+    return get_config("tiny", **base | kw)
+
+
+@pytest.fixture
+def bf16_gemms_in_fp32(machine):
+    """Pins machine.py's bf16_gemms_in_fp32 (whatever this CPU measured) for the test."""
+    return lambda on: machine.pin(f"bf16_gemms_in_fp32={int(on)}")
+
+
+def took_fp32_gemm(y: torch.Tensor) -> bool:
+    return type(y.grad_fn).__name__ == "Bf16LinearInFp32Backward"
+
+
+def test_bf16_gemm_in_fp32_is_a_bf16_gemm(bf16_gemms_in_fp32):
+    """Under bf16 autocast the fp32-kernel path and the bf16 kernel both give the exact product of the
+    bf16-rounded operands, rounded to bf16 (within one bf16 ulp, float64 reference), forward and backward."""
+    torch.manual_seed(0)
+    lin = Linear(96, 80, bias=False)
+    x0, c = torch.randn(4, 32, 96), torch.randn(4, 32, 80)
+    w64, x64, c64 = (t.bfloat16().double() for t in (lin.weight.detach(), x0, c))
+    want = {"y": x64 @ w64.T, "grad_x": c64 @ w64, "grad_w": c64.flatten(0, 1).T @ x64.flatten(0, 1)}
+    for on in (False, True):
+        bf16_gemms_in_fp32(on)
+        lin.weight.grad = None
+        x = x0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = lin(x)
+        assert took_fp32_gemm(y) == on
+        (y.float() * c).sum().backward()
+        got = {"y": y, "grad_x": x.grad, "grad_w": lin.weight.grad}
+        assert y.dtype == torch.bfloat16 and lin.weight.grad.dtype == torch.float32
+        for name, value in got.items():
+            err = (value.double() - want[name]).abs()
+            assert (err <= 2 ** -8 * want[name].abs() + 1e-6).all(), (on, name, err.max())
+
+
+def test_bf16_gemm_in_fp32_only_where_it_pays(bf16_gemms_in_fp32):
+    """Few rows (weight-bound: widening the weights would cost more) and fp32 stay on the plain kernels."""
+    bf16_gemms_in_fp32(True)
+    lin = Linear(16, 16, bias=False)
+    rows = layers.FP32_GEMM_MIN_ROWS["eager"]
+    few, many = torch.randn(rows - 1, 16), torch.randn(rows, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert took_fp32_gemm(lin(many)) and not took_fp32_gemm(lin(few))
+    assert not took_fp32_gemm(lin(many))
+    assert took_fp32_gemm(lin.bfloat16()(many.bfloat16()))  # bf16 weights without autocast: inference
+
+
+def test_bf16_training_step_same_with_either_gemm(bf16_gemms_in_fp32, monkeypatch):
+    """A whole model under bf16 autocast: loss and gradients from the two GEMM paths agree to bf16 precision."""
+    calls = []
+    apply = layers.Bf16LinearInFp32.apply
+    monkeypatch.setattr(layers.Bf16LinearInFp32, "apply", lambda *a: calls.append(1) or apply(*a))
+    torch.manual_seed(0)
+    model = GPT(small_config())
+    idx = torch.randint(0, 97, (8, 32))  # 256 rows: every GEMM takes the fp32 path
+    results = []
+    for on in (False, True):
+        bf16_gemms_in_fp32(on)
+        calls.clear()
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(idx, idx)[1]
+        loss.backward()
+        assert len(calls) == (2 * 7 + 1 if on else 0)  # 7 linears per layer, and the head
+        results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (loss_a, grad_a), (loss_b, grad_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-2)
+    assert F.cosine_similarity(grad_a, grad_b, dim=0) > 0.999
+
+
+# --- weight-only int8 / int4 layers ----------------------------------------------------------------------
+def reference(x: torch.Tensor, layer: layers.QuantLinear) -> torch.Tensor:
+    """The exact reference: the dequantized weights, in float64."""
+    return F.linear(x.double(), layer.dequantize().double())
+
+
+def q8_groups_of_32(w: torch.Tensor) -> layers.QuantLinear:
+    """int8 with one scale per 32 weights (llama.cpp's Q8_0), the layout GGUF embeddings come in."""
+    groups = w.view(w.size(0), -1, 32)
+    s = groups.abs().amax(-1).clamp(min=1e-12) / 127
+    q = (groups / s[..., None]).round().clamp(-127, 127).to(torch.int8).view_as(w)
+    return layers.QuantLinear("q8", w.size(0), w.size(1), q=q, s=s)
+
+
+LAYOUTS = {"int4": layers.quantize_q4, "int8 per channel": layers.quantize_q8, "int8 groups of 32": q8_groups_of_32}
+
+
+def cpu_flags() -> set[str]:
+    return {flag for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+            for flag in line.split(":", 1)[1].split()}
+
+
+def test_the_kernels_offer_every_instruction_set_this_cpu_has():
+    """isas() is what the C++ side can run here, best first; machine.py picks the first unless pinned."""
+    flags, isas = cpu_flags(), layers.quant_ops().isas()
+    assert isas[-1] == "plain" and ("avx2" in isas) == ({"avx2", "fma", "f16c"} <= flags)
+
+
+# The plain loops are exact fp32; the SIMD paths round activations to fixed point per group of 32 (AVX2: 16 bits,
+# 1.5e-5 of the group's largest |x|).
+TOLERANCE = {"plain": 1e-6, "avx2": 1e-4}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("rows", [1, 3, 5])
+def test_quantized_kernels_match_the_dequantized_weights(layout, rows):
+    """Every kernel this CPU can run (and the plain loops any CPU runs) against the dequantized weights in
+    float64."""
+    g = torch.Generator().manual_seed(rows)
+    layer = LAYOUTS[layout](torch.randn(200, 96, generator=g))
+    x = torch.randn(rows, 96, generator=g)
+    want = reference(x, layer)
+    args = (layer.qs, layer.d, layer.m) if layer.fmt == "q4" else (layer.q, layer.s)
+    for isa in layers.quant_ops().isas():
+        got = getattr(torch.ops.slm, f"{layer.fmt}_linear")(x, *args, isa)
+        assert (got.double() - want).abs().max() <= TOLERANCE[isa] * want.abs().max(), (isa, layout)
+
+
+def test_a_layer_runs_the_pinned_kernel(machine, monkeypatch):
+    """QuantLinear passes machine.py's quant_kernel to the op, which runs exactly that code (or refuses)."""
+    ran, op = [], torch.ops.slm.q4_linear
+    monkeypatch.setattr(torch.ops.slm, "q4_linear", lambda *args: ran.append(args[-1]) or op(*args))
+    layer = layers.quantize_q4(torch.randn(64, 64, generator=torch.Generator().manual_seed(0)))
+    for isa in layers.quant_ops().isas():
+        machine.pin(f"quant_kernel={isa},dense_min_rows=64")
+        layer(torch.randn(2, 64))
+    assert ran == layers.quant_ops().isas()
+    with pytest.raises(RuntimeError, match="unknown kernel instruction set 'sse9'"):
+        op(torch.randn(1, 64), layer.qs, layer.d, layer.m, "sse9")
+
+
+def test_quantizing_bounds_the_weight_error():
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    int4, int8 = layers.quantize_q4(w), layers.quantize_q8(w)
+    groups = w.view(64, 4, 32)
+    low, step = groups.amin(-1), (groups.amax(-1) - groups.amin(-1)) / 15
+    # int4: half a step, plus the rounding of d and m to fp16 (Q4_1 stores them so): 2^-11 of |m| + 15 d
+    bound = (step / 2 + (low.abs() + 15 * step) * 2 ** -11).repeat_interleave(32, dim=1)
+    assert ((int4.dequantize() - w).abs() <= bound).all()
+    assert ((int8.dequantize() - w).abs() <= w.abs().amax(1, keepdim=True) / 254 + 1e-6).all()
+
+
+def test_many_rows_take_the_gemm_and_fused_projections_equal_separate_ones(machine):
+    g = torch.Generator().manual_seed(0)
+    parts = [layers.quantize_q4(torch.randn(n, 64, generator=g)) for n in (64, 32, 32)]
+    x = torch.randn(3, 64, generator=g)
+    separate = [layer(x) for layer in parts]
+    fused = layers.FusedProjections(parts)
+    for a, b in zip(fused(x), separate):
+        assert torch.equal(a, b)  # the same arithmetic for every output, one call instead of three
+    assert all(torch.equal(layer(x), s) for layer, s in zip(parts, separate))  # members now views of the fused
+    machine.pin("dense_min_rows=2")  # 3 rows: the GEMM on the dequantized weights
+    for a, layer in zip(fused(x), parts):
+        assert (a.double() - reference(x, layer)).abs().max() <= 1e-5 * a.abs().max()
