@@ -147,7 +147,7 @@ def generate_all(model: GPT, tok: Tokenizer, prompts: list[list[int]], args: arg
 
 
 # --- worker processes on one shared queue -----------------------------------------------------------
-def _worker(rank: int, args: argparse.Namespace, max_len: int, prompts: int, tasks, results) -> None:
+def _worker(rank: int, args: argparse.Namespace, max_len: int, prompts: int, tasks, results, start) -> None:
     """One process: its own GPU (cuda:rank) or an equal share of the CPU threads. It takes the next prompt
     from the shared queue whenever one of its rows is free, so no worker idles while others have work."""
     prepare_process(args.machine)
@@ -158,6 +158,7 @@ def _worker(rank: int, args: argparse.Namespace, max_len: int, prompts: int, tas
         torch.set_num_threads(args.threads_per_proc)
     model, tok = load_model(args.checkpoint, device, args.dtype, args.quantize)
     engine = make_engine(model, tok, args, max_len, prompts)
+    start.wait()  # every worker has loaded: none takes all the prompts while another is still loading
 
     def requests():
         while (task := tasks.get()) is not None:
@@ -175,7 +176,7 @@ def run_workers(args: argparse.Namespace, prompts: list[list[int]],
     n = min(args.num_procs, len(prompts))
     args.threads_per_proc = max(1, torch.get_num_threads() // n)
     ctx = mp.get_context("spawn")
-    tasks, results = ctx.Queue(), ctx.Queue()
+    tasks, results, start = ctx.Queue(), ctx.Queue(), ctx.Barrier(n)
     for task in enumerate(prompts):
         tasks.put(task)
     for _ in range(n):
@@ -183,7 +184,8 @@ def run_workers(args: argparse.Namespace, prompts: list[list[int]],
     t0 = time.perf_counter()
     max_len = max(len(p) for p in prompts) + args.max_new_tokens
     share = -(-len(prompts) // n)  # no worker needs more rows than its share of the prompts
-    procs = [ctx.Process(target=_worker, args=(rank, args, max_len, share, tasks, results), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(rank, args, max_len, share, tasks, results, start),
+                         daemon=True)
              for rank in range(n)]
     for proc in procs:
         proc.start()

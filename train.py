@@ -37,6 +37,7 @@ from config import (
     exit_with_error,
     positive,
 )
+from distributed import setup_distributed
 from engine import generate
 from evaluate import evaluate
 from layers import bf16_gemms_run_in_fp32
@@ -160,27 +161,24 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     torch.set_float32_matmul_precision("high")
-
-    start_step = ckpt["step"] if ckpt else 0
     history = {"train": [], "val": [], "val_bpb": [], "val_elapsed_s": [], "lr": []} | (ckpt["history"] if ckpt else {})
     best_val = ckpt["best_val"] if ckpt else float("inf")
     if ckpt:
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(ckpt["rng"]["python"])
-    n_params = raw_model.num_params()
-    peak = s.peak_flops or peak_matmul_flops(device, dtype)
-    fpt = flops_per_token(cfg, s.seq_len, n_params)
     tokens_per_step = s.micro_batch * s.seq_len * accum * world
+    meter = Meter(s, device, dtype, flops_per_token(cfg, s.seq_len, raw_model.num_params()), tokens_per_step, world)
+    step, elapsed = (ckpt["step"], ckpt.get("elapsed_s", 0.0)) if ckpt else (0, 0.0)  # a resumed run goes on
     budget_s = s.time_budget * 60 if s.time_budget else None
     if master:
-        print(f"model: {n_params:,} parameters  config: {cfg.to_dict()}")
+        print(f"model: {raw_model.num_params():,} parameters  config: {cfg.to_dict()}")
         until = f"{s.time_budget:g} min of training" if budget_s else f"step {s.max_steps}"
         print(f"train: world {world} x micro-batch {s.micro_batch} x seq {s.seq_len} x accum {accum} = "
-              f"{tokens_per_step:,} tokens/step, from step {start_step} to {until}, device {device}, {s.dtype}")
+              f"{tokens_per_step:,} tokens/step, from step {step} to {until}, device {device}, {s.dtype}")
         print(f"machine: {MACHINE.describe()}")
         print("args: " + " ".join(f"{k}={v}" for k, v in sorted(vars(s).items())))
 
-    def payload(step: int, elapsed: float) -> dict:
+    def payload() -> dict:  # collective in stream mode (each rank's stream position): every rank builds it
         data_state = None
         if s.data_mode == "stream":
             data_state = [None] * world
@@ -194,20 +192,13 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
                 "data_state": data_state, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
                 "history": history, "best_val": best_val}
 
-    stop = {"signal": None}
-
-    def request_stop(signum, _frame):
-        stop["signal"] = signum
-
+    signals = {"got": None}
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, request_stop)
+        signal.signal(sig, lambda signum, _frame: signals.update(got=signum))
     # A budget run's bar counts seconds of the budget; a step run's counts steps.
-    elapsed = ckpt.get("elapsed_s", 0.0) if ckpt else 0.0  # a resumed run continues its clock
-    bar = tqdm(total=round(budget_s) if budget_s else s.max_steps, initial=round(elapsed) if budget_s
-               else start_step, disable=not master, unit="s" if budget_s else "step", dynamic_ncols=True)
-    t_begin = time.perf_counter() - elapsed
-    t_log = time.perf_counter()
-    step, step_times = start_step, []  # seconds of each step (the slowest rank's), to foresee the last one
+    bar = tqdm(total=round(budget_s) if budget_s else s.max_steps, initial=round(elapsed) if budget_s else step,
+               disable=not master, unit="s" if budget_s else "step", dynamic_ncols=True)
+    t_begin, step_times = time.perf_counter() - elapsed, []  # each step's seconds (the slowest rank's)
     try:  # the bar is closed on every way out, so that an error message starts on its own line
         while s.max_steps is None or step < s.max_steps:
             # Every rank has the same clock (reduced below), so all take the same learning rate. A budget run's
@@ -221,36 +212,16 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
             for group in opt.param_groups:  # Muon's groups are those with Newton-Schulz steps
                 group["lr"] = lr * ((s.muon_lr or s.lr) / s.lr if "ns_steps" in group else 1)
             t_step = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(accum):
-                x, y = (t.to(device) for t in loader.next_batch())
-                # DDP: no gradient all-reduce until the last micro-step; the forward must be inside no_sync too.
-                skip_sync = dist.is_initialized() and micro < accum - 1
-                with model.no_sync() if skip_sync else nullcontext():
-                    with autocast:
-                        _, loss = model(x, y)
-                    scaler.scale(loss / accum).backward()
-                loss_sum += loss.detach()
-            scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), s.grad_clip)
-            if dist.is_initialized():
-                dist.all_reduce(loss_sum)  # gloo has no AVG
-            train_loss = loss_sum.item() / accum / world
-            # Stop before a non-finite update reaches the weights (fp16's GradScaler skips such steps itself).
-            if not math.isfinite(train_loss) or (not scaler.is_enabled() and not math.isfinite(grad_norm.item())):
-                bar.close()
-                raise ValueError(f"loss {train_loss:.4g}, gradient norm {grad_norm.item():.4g} at step {step + 1}; "
-                                 f"stopped without saving, so {run_dir}/last.ckpt keeps the last good state; "
-                                 f"lower --lr, then --resume")
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
+            train_loss = optimizer_step(model, raw_model, opt, scaler, loader, autocast, accum, s, device)
+            if not math.isfinite(train_loss):
+                raise ValueError(f"a non-finite loss or gradient at step {step + 1}; stopped without saving, so "
+                                 f"{run_dir}/last.ckpt keeps the last good state; lower --lr, then --resume")
             t_step_end = time.perf_counter()
             step += 1
             history["train"].append((step, train_loss))
             history["lr"].append((step, lr))
             # One collective a step: a signal on any rank, and the slowest rank's clock and step time.
-            clock = torch.tensor([float(stop["signal"] is not None), t_step_end - t_begin, t_step_end - t_step],
+            clock = torch.tensor([float(signals["got"] is not None), t_step_end - t_begin, t_step_end - t_step],
                                  dtype=torch.float64, device=device)
             if dist.is_initialized():
                 dist.all_reduce(clock, op=dist.ReduceOp.MAX)
@@ -259,18 +230,7 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
             bar.update(round(elapsed) - bar.n if budget_s else 1)
             bar.set_postfix(step=step, loss=f"{train_loss:.3f}", lr=f"{lr:.2e}")
             if step % s.log_every == 0 and master:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                now = time.perf_counter()
-                tps = tokens_per_step * s.log_every / (now - t_log)
-                t_log = now
-                if fpt * tps / world > peak:  # the start-up timing was too low (a busy moment): time it again
-                    peak = max(peak_matmul_flops(device, dtype), fpt * tps / world)
-                    bar.write(f"note: this step beat the measured peak, so it was re-measured: "
-                              f"{peak / 1e9:,.0f} GFLOP/s")
-                bar.write(f"step {step}: loss {train_loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s "
-                          f"MFU {100 * fpt * tps / world / peak:.1f}% | {step * tokens_per_step:,} tokens in "
-                          f"{elapsed / 60:.1f} min")
+                bar.write(meter.line(step, train_loss, lr, elapsed))
             last = (budget_s and progress >= 1) or step == s.max_steps or step == s.stop_at
             evaluating = (step % s.eval_every == 0 or last) and not interrupted
             saving = step % s.save_every == 0 or last or interrupted
@@ -282,8 +242,7 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
                 history["val_bpb"].append((step, bpb))
                 history["val_elapsed_s"].append((step, elapsed))
                 improved, best_val = val_loss < best_val, min(best_val, val_loss)
-            # payload() is collective in stream mode (each rank's stream position): every rank builds it once.
-            state = payload(step, elapsed) if saving or improved else None
+            state = payload() if saving or improved else None
             if master and evaluating:
                 bar.write(f"step {step}: val loss {val_loss:.4f}  val bits/byte {bpb:.4f}  "
                           f"| {sample(raw_model, tok)!r}")
@@ -296,12 +255,12 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
                 if master:
                     print(f"interrupted at step {step}; saved {run_dir}/last.ckpt; continue with --resume",
                           file=sys.stderr)
-                sys.exit(130 if stop["signal"] == signal.SIGINT else 143)
+                sys.exit(130 if signals["got"] == signal.SIGINT else 143)
             if last:
                 if step == s.stop_at and step != s.max_steps and master:
                     bar.write(f"stopping at step {step} (--stop-at); continue with --resume")
                 break
-            t_log += time.perf_counter() - t_step_end  # evals and saves do not count against tokens/s
+            meter.pause(time.perf_counter() - t_step_end)  # evals and saves do not count against tokens/s
     finally:
         bar.close()
     if master:
@@ -312,6 +271,62 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
               f"{val}checkpoints in {run_dir}/")
     if dist.is_initialized():
         dist.barrier()
+
+
+def optimizer_step(model, raw_model: GPT, opt, scaler, loader, autocast, accum: int, s: Settings,
+                   device: torch.device) -> float:
+    """One optimizer step over accum micro-batches; the mean loss over them and the ranks, or NaN (and no
+    update) when the loss or the gradient is not finite (fp16's GradScaler skips such steps itself)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(accum):
+        x, y = (t.to(device) for t in loader.next_batch())
+        # DDP: no gradient all-reduce until the last micro-step; the forward must be inside no_sync too.
+        skip_sync = dist.is_initialized() and micro < accum - 1
+        with model.no_sync() if skip_sync else nullcontext():
+            with autocast:
+                _, loss = model(x, y)
+            scaler.scale(loss / accum).backward()
+        loss_sum += loss.detach()
+    scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), s.grad_clip)
+    if dist.is_initialized():
+        dist.all_reduce(loss_sum)  # gloo has no AVG
+    train_loss = loss_sum.item() / accum / world
+    if not math.isfinite(train_loss) or (not scaler.is_enabled() and not math.isfinite(grad_norm.item())):
+        return float("nan")
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return train_loss
+
+
+class Meter:
+    """Tokens/s and MFU between log lines, against a peak FLOP rate timed at start-up (or --peak-flops). A step
+    that beats the peak (timed in a busy moment) makes it time the peak again, and say so."""
+
+    def __init__(self, s: Settings, device: torch.device, dtype: torch.dtype, flops_per_token: float,
+                 tokens_per_step: int, world: int):
+        self.s, self.device, self.dtype, self.world = s, device, dtype, world
+        self.flops_per_token, self.tokens_per_step = flops_per_token, tokens_per_step
+        self.peak = s.peak_flops or peak_matmul_flops(device, dtype)
+        self.since = time.perf_counter()
+
+    def pause(self, seconds: float) -> None:
+        self.since += seconds
+
+    def line(self, step: int, loss: float, lr: float, elapsed: float) -> str:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        tps, self.since = self.tokens_per_step * self.s.log_every / (now - self.since), now
+        flops = self.flops_per_token * tps / self.world
+        note = ""
+        if flops > self.peak:  # the start-up timing was too low (a busy moment): time it again
+            self.peak = max(peak_matmul_flops(self.device, self.dtype), flops)
+            note = f"note: this step beat the measured peak, so it was re-measured: {self.peak / 1e9:,.0f} GFLOP/s\n"
+        return (f"{note}step {step}: loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s MFU {100 * flops / self.peak:.1f}% | "
+                f"{step * self.tokens_per_step:,} tokens in {elapsed / 60:.1f} min")
 
 
 # --- the run's parts, each built once -------------------------------------------------------------------
@@ -442,28 +457,6 @@ def build_model_and_optimizer(s: Settings, cfg: ModelConfig, device: torch.devic
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
     return raw_model, model, opt
-
-
-def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device): one process, or one rank of torchrun's group (gloo on CPU; nccl on CUDA,
-    each rank on its LOCAL_RANK's GPU)."""
-    device = torch.device(device_name)
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    cuda = device.type == "cuda"
-    if cuda:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    kwargs = {"device_id": device} if cuda else {}
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if restart is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        # torchrun keeps one store across restarts: a restarted group would read the dead group's
-        # addresses, so each attempt gets its own key prefix.
-        world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False)
-        kwargs |= {"store": dist.PrefixStore(f"slm/attempt_{restart}", store), "rank": rank, "world_size": world}
-    dist.init_process_group("nccl" if cuda else "gloo", **kwargs)
-    return dist.get_rank(), dist.get_world_size(), device
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int) -> float:

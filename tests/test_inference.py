@@ -41,7 +41,7 @@ def loaded(ckpt_dir):
 def gen_args(**kw):
     base = dict(max_new_tokens=24, temperature=0.0, top_k=None, top_p=1.0, batch_size=8, ignore_eos=True,
                 no_kv_cache=False, compile=False, seed=0, num_procs=1, device="cpu", dtype="fp32",
-                checkpoint=None, batching="continuous", stop=[], quantize=None)
+                checkpoint=None, batching="continuous", stop=[], quantize=None, machine="")
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -193,7 +193,7 @@ def test_cli_bad_input_one_line(ckpt_dir):
     cases = [(("--checkpoint", "nope/"), 1, "checkpoint not found"),
              (("--checkpoint", str(ckpt_dir), "--prompt", "", "--max-new-tokens", "8"), 1, "prompt 1 is empty"),
              (("--checkpoint", str(ckpt_dir), "--max-new-tokens", "0"), 2, "--max-new-tokens must be at least 1"),
-             (("--checkpoint", str(ckpt_dir), "--max-new-tokens", "96"), 1, "leaves no room"),
+             (("--checkpoint", str(ckpt_dir), "--max-new-tokens", "96"), 1, "leave no room"),
              (("--checkpoint", str(ckpt_dir), "--top-p", "1.5"), 2, "--top-p must be in (0, 1]")]
     for args, code, message in cases:
         done = cli(*args)

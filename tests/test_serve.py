@@ -178,7 +178,7 @@ BAD = [  # (json body or raw bytes, status, text in the message)
     ({"model": "tiny-chat", "prompt": "hi", "max_tokens": 5000}, 400,
      "5000 new tokens leave no room for a prompt in the 256-token context of this server"),
     ({"model": "tiny-chat", "prompt": "to be " * 300}, 400,
-     "fit before 1 new tokens in the 256-token context of this server"),
+     "fit before 16 new tokens in the 256-token context of this server"),
     ({"model": "tiny-chat", "prompt": "hi", "temperature": -1}, 400, "'temperature' must be in [0, 2]"),
     ({"model": "tiny-chat", "prompt": "hi", "top_p": 0}, 400, "'top_p' must be in (0, 1]"),
     ({"model": "tiny-chat", "prompt": "hi", "max_tokens": "ten"}, 400, "'max_tokens' must be an integer"),
