@@ -14,7 +14,7 @@ import time
 import gradio as gr
 
 from checkpoint import CheckpointError, load_model
-from config import ArgumentParser, add_runtime_args, positive
+from config import ArgumentParser, add_inference_args, positive
 from engine import Engine, EngineThread, Request, encode_prompts
 from machine import prepare_process
 from tokenizer import Tokenizer
@@ -85,11 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=positive(int), default=7860)
     p.add_argument("--max-new-tokens", type=positive(int), default=512, help="cap for the slider")
     p.add_argument("--batch-size", type=positive(int), default=4, help="requests generated at once")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="int8 or int4 weights")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first start)")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
-    add_runtime_args(p)
+    add_inference_args(p)
     args = p.parse_args(argv)
     try:
         prepare_process(args.machine)
@@ -100,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--chat: this checkpoint has no chat template")
     # Rows as long as a capped prompt (~1 token per 4 characters) plus the new tokens, within the context.
     max_len = min(model.config.max_seq_len, MAX_PROMPT_CHARS // 2 + args.max_new_tokens)
-    engine = EngineThread(Engine(model, rows=args.batch_size, max_len=max_len, tokenizer=tok, compile=args.compile))
+    engine = EngineThread(Engine(model, rows=args.batch_size, max_len=max_len, tokenizer=tok, step=args.step))
     app = build_app(engine, tok, args.max_new_tokens, args.chat, title=f"slm · {args.checkpoint}")
     app.queue().launch(server_name=args.host, server_port=args.port, show_error=True)
 

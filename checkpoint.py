@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from config import DTYPES, ModelConfig
+from layers import QuantLinear
 from model import GPT
 from quantize import quantize_model
 from tokenizer import Tokenizer
@@ -116,12 +117,24 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> tup
 
 
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", dtype: str = "fp32",
-               quantize: str | None = None) -> tuple[GPT, Tokenizer]:
-    """The model (in eval mode) and tokenizer of a checkpoint; quantize: int8 or int4 weights, a load-time
-    choice (GGUF blocks as they are, where the checkpoint kept them)."""
+               quantize: str | None = "auto") -> tuple[GPT, Tokenizer]:
+    """The model (in eval mode) and tokenizer of a checkpoint. quantize, a load-time choice: "auto" runs the
+    GGUF blocks the checkpoint kept (convert.py), as they are, and every other weight as stored; "int8"/"int4"
+    quantize every matmul weight (GGUF blocks as they are, the others re-quantized); None or "none": as stored."""
     ckpt = load_checkpoint(checkpoint)
     model, tok = model_from_checkpoint(ckpt, device)
     model = model.to(DTYPES[dtype])
-    if quantize:
-        quantize_model(model, quantize, ckpt.get("gguf_blocks"))
+    blocks = ckpt.get("gguf_blocks") or {}
+    if quantize == "auto" and blocks and dtype == "fp32":
+        kinds = {block["type"] for block in blocks.values()}
+        quantize_model(model, "int4" if kinds & {"Q4_0", "Q4_1"} else "int8", blocks, blocks_only=True)
+    elif quantize not in (None, "none", "auto"):
+        quantize_model(model, quantize, blocks)
     return model, tok
+
+
+def describe_weights(model: GPT) -> str:
+    """What the model's matmuls hold: "fp32", or the quantized formats (q4: int4 groups, q8: int8) and the rest."""
+    formats = sorted({m.fmt for m in model.modules() if isinstance(m, QuantLinear)})
+    dense = {str(m.weight.dtype).removeprefix("torch.") for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    return " + ".join([*formats, *sorted(dense)])

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the names every script takes
+STEPS = ("auto", "fused", "eager", "compiled")  # how the engine runs a pass (runner.py)
+QUANTIZE = ("auto", "none", "int8", "int4")     # load-time weight formats (checkpoint.load_model)
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,20 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--machine", default="", metavar="NAME=VALUE,...",
                         help="pin per-machine choices instead of measuring them (see machine.py), "
                              "e.g. bf16_gemms_in_fp32=0,dense_min_rows=8")
+
+
+def add_inference_args(parser: argparse.ArgumentParser) -> None:
+    """How inference.py, serve.py and app.py run a checkpoint. The defaults are the fastest path that keeps the
+    checkpoint's own numbers; what changes them (re-quantizing, bf16) is opt-in."""
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="bf16/fp16 change the numbers")
+    parser.add_argument("--quantize", choices=QUANTIZE, default="auto",
+                        help="auto: the GGUF's own int8/int4 blocks where the checkpoint kept them (its exact "
+                             "numbers), else its fp32 weights; int8/int4: re-quantize fp32 weights (changes the "
+                             "numbers, see the README's quality table); none: fp32")
+    parser.add_argument("--step", choices=STEPS, default="auto",
+                        help="auto: the fused C++ step where it runs (CPU; fp32 or int8/int4 weights), else eager; "
+                             "compiled: torch.compile of the decode step (minutes to compile the first time)")
+    add_runtime_args(parser)
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_preset: str = "tiny") -> None:

@@ -27,12 +27,13 @@ from tokenizer import StreamDecoder, Tokenizer
 
 class Engine:
     def __init__(self, model: GPT, *, rows: int, max_len: int, tokenizer: Tokenizer | None = None,
-                 eos_id: int | None = None, compile: bool = False, batching: str = "continuous",
+                 eos_id: int | None = None, step: str = "auto", batching: str = "continuous",
                  prefill_tokens: int = 256, use_cache: bool = True):
         """rows: sequences generated at once. max_len: the longest prompt + new tokens of any request.
+        step: how the runner runs a pass (runner.py): auto (fused where it runs), fused, eager or compiled.
         use_cache=False recomputes every sequence whole at every step (for comparison only)."""
         self.scheduler = Scheduler(rows, max_len, batching, prefill_tokens, whole_prompts=not use_cache)
-        self.runner = ModelRunner(model, rows, max_len, compile, use_cache)
+        self.runner = ModelRunner(model, rows, max_len, step, use_cache)
         self.model, self.tok, self.max_len, self.batching = model, tokenizer, max_len, batching
         self.eos_id = tokenizer.eos_id if eos_id is None and tokenizer is not None else eos_id
         # prefill_s: passes with prompt chunks only; decode_s: passes that made tokens (chunks may ride along);
@@ -198,7 +199,7 @@ class EngineThread:
 
 def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float = 1.0, eos_id: int | None = None, seed: int | None = None,
-             batch_size: int | None = None, compile: bool = False) -> tuple[list[list[int]], dict]:
+             batch_size: int | None = None, step: str = "auto") -> tuple[list[list[int]], dict]:
     """New token ids for each prompt, in input order, and the engine's stats: a thin call into Engine.
     A row stops at eos_id (not returned) or after max_new_tokens. Prompt i samples with seed + i."""
     if not prompts:
@@ -206,7 +207,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     longest = max(len(p) for p in prompts) + max_new_tokens
     for p in prompts:
         check_lengths(len(p), max_new_tokens, model.config.max_seq_len)
-    engine = Engine(model, rows=batch_size or len(prompts), max_len=longest, eos_id=eos_id, compile=compile)
+    engine = Engine(model, rows=batch_size or len(prompts), max_len=longest, eos_id=eos_id, step=step)
     requests = [Request(p, max_new_tokens, temperature, top_k, top_p, None if seed is None else seed + i)
                 for i, p in enumerate(prompts)]
     for _ in engine.run(requests):

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from checkpoint import CheckpointError, config_and_tokenizer, load_checkpoint, load_model
-from config import DTYPES, ArgumentParser, add_runtime_args, exit_with_error, positive
+from checkpoint import CheckpointError, config_and_tokenizer, describe_weights, load_checkpoint, load_model
+from config import ArgumentParser, add_inference_args, exit_with_error, positive
 from engine import Engine, LengthError, Request, encode_prompts
 from machine import MACHINE, prepare_process
 from model import GPT
@@ -48,19 +48,13 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--batch-size", type=positive(int), default=16, help="rows the engine generates at once")
     p.add_argument("--batching", choices=["continuous", "static"], default="continuous",
                    help="continuous: a finished row takes the next prompt at once; static: batch after batch")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="int8 or int4 weights (GGUF blocks as they are, where the checkpoint kept them)")
     p.add_argument("--num-procs", type=positive(int), default=1,
                    help="worker processes (one GPU each, or a CPU thread share) on one shared queue")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens (benchmarks)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence every step")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (frozen, prepacked weights on CPU; CUDA graphs on GPU); "
-                        "each new batch shape pays a compile of ~30-60 s")
     p.add_argument("--output", help="write results as they finish, in input order: .jsonl or .md")
     p.add_argument("--stats-json", help="write the speed report as JSON")
-    add_runtime_args(p)
+    add_inference_args(p)
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
 
@@ -96,7 +90,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def make_engine(model: GPT, tok: Tokenizer, args: argparse.Namespace, max_len: int, prompts: int) -> Engine:
     """An engine of --batch-size rows, or fewer when there are fewer prompts (every row costs a step)."""
-    return Engine(model, rows=min(args.batch_size, prompts), max_len=max_len, tokenizer=tok, compile=args.compile,
+    return Engine(model, rows=min(args.batch_size, prompts), max_len=max_len, tokenizer=tok, step=args.step,
                   batching=args.batching, use_cache=not args.no_kv_cache)
 
 
@@ -127,7 +121,7 @@ def speed_report(engine: Engine, requests: int, wall: float) -> dict:
         "generated_tokens_per_s": s["new_tokens"] / wall, "wall_s": wall, "batch_size": engine.rows,
         "batching": engine.batching, "new_tokens": s["new_tokens"], "prefill_tokens": s["prefill_tokens"],
         "prompts": requests, "decode_steps": s["decode_steps"], "slot_utilisation": s["slot_utilisation"],
-        "machine": MACHINE.summary()}
+        "step": engine.runner.step, "weights": describe_weights(engine.model), "machine": MACHINE.summary()}
 
 
 def generate_all(model: GPT, tok: Tokenizer, prompts: list[list[int]], args: argparse.Namespace,

@@ -1,4 +1,4 @@
-// Weight-only quantized matmuls for CPUs, y = x @ W.T, built at first use by kernels.py.
+// Weight-only quantized matmuls for CPUs, y = x @ W.T, built at first use by layers.py.
 //
 //   q4: 4-bit weights in groups of 32, llama.cpp's Q4_1 layout: w = d * q + m with q in [0, 15].
 //       qs [N, K/2] uint8: for each group, 16 bytes; byte j holds weight j (low nibble) and j + 16 (high).
@@ -6,24 +6,31 @@
 //   q8: 8-bit weights, one scale per group of G (32 is llama.cpp's Q8_0, K is one per output channel):
 //       w = s * q, q [N, K] int8, s [N, K/G] float32.
 //
-// The activations stay fp32 and each group's product is d * sum(x * q) + m * sum(x), so the result is the
-// product with the dequantized weights up to the order of summation. A GEMV reads each weight once, so
-// its speed is how fast 0.6 (q4) or 1 (q8) byte per weight streams in: that is what beats fp32 at batch 1.
-// Each op takes the instruction set to run (isas() lists this CPU's, best first; the plain loops run anywhere),
-// so which code ran is the caller's explicit choice, never a silent fallback.
-#include <torch/extension.h>
+// Each group's product is d * sum(x * q) + m * sum(x), so the result is the product with the dequantized
+// weights up to the order of summation. A GEMV reads each weight once, so its speed is how fast 0.6 (q4) or 1
+// (q8) byte per weight streams in: that is what beats fp32 at batch 1.
+//
+// The SIMD paths take the activations as 16-bit fixed point per group of 32, x = s * q16 (error at most 1.5e-5
+// of the group's largest |x|: llama.cpp rounds them to 8 bits), so that the weights and activations multiply
+// and add as integers and only each group's sum is converted to float:
+//   avx2     vpmaddwd + vpaddd, 256-bit          avxvnni  vpdpwssd, 256-bit (AVX-VNNI)
+//   avx512   vpdpwssd, 512-bit (AVX-512 VNNI)    plain    exact fp32 loops, any CPU
+// Each op takes the instruction set to run (isas() lists this CPU's, best first), so which code ran is the
+// caller's explicit choice, never a silent fallback.
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <cmath>
-#include <cstring>
-#include <string>
-#include <vector>
 
+#include <algorithm>
+#include <cmath>
+
+namespace slm {
 namespace {
 
 // --- plain loops: the reference and the fallback ------------------------------------------------------
 void q4_rows_plain(const float* x, const float* xsum, int64_t M, int64_t K, const uint8_t* qs,
-                   const float* d, const float* m, float* y, int64_t N, int64_t n0, int64_t n1) {
+                   const float* d, const float* m, float* y, int64_t ldy, int64_t n0, int64_t n1) {
     const int64_t G = K / 32;
     for (int64_t n = n0; n < n1; ++n) {
         for (int64_t r = 0; r < M; ++r) {
@@ -35,37 +42,28 @@ void q4_rows_plain(const float* x, const float* xsum, int64_t M, int64_t K, cons
                 for (int j = 0; j < 16; ++j) dot += xg[j] * float(q[j] & 15) + xg[j + 16] * float(q[j] >> 4);
                 acc += d[n * G + g] * dot + m[n * G + g] * xsum[r * G + g];
             }
-            y[r * N + n] = acc;
+            y[r * ldy + n] = acc;
         }
     }
 }
 
-void q8_rows_plain(const float* x, int64_t M, int64_t K, const int8_t* q, const float* s, int64_t group,
-                   float* y, int64_t N, int64_t n0, int64_t n1) {
-    const int64_t G = K / group;
+void q8_rows_plain(const float* x, int64_t M, int64_t K, const int8_t* q, const float* s, int64_t groups,
+                   float* y, int64_t ldy, int64_t n0, int64_t n1) {
+    const int64_t group = K / groups;
     for (int64_t n = n0; n < n1; ++n) {
         for (int64_t r = 0; r < M; ++r) {
             float acc = 0.f;
-            for (int64_t g = 0; g < G; ++g) {
+            for (int64_t g = 0; g < groups; ++g) {
                 float dot = 0.f;
                 for (int64_t j = g * group; j < (g + 1) * group; ++j) dot += x[r * K + j] * float(q[n * K + j]);
-                acc += s[n * G + g] * dot;
+                acc += s[n * groups + g] * dot;
             }
-            y[r * N + n] = acc;
+            y[r * ldy + n] = acc;
         }
     }
 }
 
-// --- AVX2 + FMA + F16C ----------------------------------------------------------------------------------
-__attribute__((target("avx2,fma,f16c"))) float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-// The AVX2 path takes activations as 16-bit fixed point per group of 32, x = s * q16 (error at most
-// 1.5e-5 of the group's largest |x|), so that vpmaddwd multiplies and adds weights and activations as integers
-// (32-bit sums: 15 * 32767 * 4 per lane cannot overflow) and only each group's sum is converted to float.
+// --- activations as 16-bit fixed point per group of 32 ----------------------------------------------------
 struct Activations {
     std::vector<int16_t> q;      // [M, K]
     std::vector<float> scale;    // [M, K / 32]
@@ -87,124 +85,233 @@ Activations to_fixed_point(const float* x, int64_t M, int64_t K) {
     return a;
 }
 
-__attribute__((target("avx2,fma,f16c"))) inline __m256i load16(const int16_t* p) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+// --- 256-bit: AVX2 and AVX-VNNI -----------------------------------------------------------------------------
+// One body for both; DOT is one group's integer dot: its 32 weights as int16 (w0: weights 0-15, w1: 16-31)
+// times the group's fixed-point activations xq (32-bit sums: 15 * 32767 * 2 per lane cannot overflow).
+// R activation rows (1 to 4, a compile-time count so the accumulators live in registers) share one unpacking of
+// each weight group.
+#define SLM_256_KERNELS(NAME, TARGET, DOT)                                                                      \
+    __attribute__((target(TARGET))) inline float hsum_##NAME(__m256 v) {                                       \
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));                          \
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                                                 \
+        return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));                                                \
+    }                                                                                                           \
+    __attribute__((target(TARGET))) inline __m256 dot_##NAME(__m256i w0, __m256i w1, const int16_t* xq) {       \
+        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));                            \
+        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16));                       \
+        return _mm256_cvtepi32_ps(DOT);                                                                         \
+    }                                                                                                           \
+    template <int R>                                                                                            \
+    __attribute__((target(TARGET))) void q4_block_##NAME(const Activations& a, int64_t r0, int64_t K,           \
+            const uint8_t* qs, const float* d, const float* m, float* y, int64_t ldy, int64_t n0, int64_t n1) { \
+        const int64_t G = K / 32;                                                                               \
+        const __m256i low = _mm256_set1_epi16(15);                                                              \
+        for (int64_t n = n0; n < n1; ++n) {                                                                     \
+            __m256 acc[R];                                                                                      \
+            for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();                                           \
+            for (int64_t g = 0; g < G; ++g) {                                                                   \
+                const __m256i bytes = _mm256_cvtepu8_epi16(                                                     \
+                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + n * K / 2 + g * 16)));                \
+                const __m256i w0 = _mm256_and_si256(bytes, low), w1 = _mm256_srli_epi16(bytes, 4);              \
+                const float dg = d[n * G + g];                                                                  \
+                for (int r = 0; r < R; ++r) {                                                                   \
+                    const int64_t i = (r0 + r) * G + g;                                                         \
+                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dg * a.scale[i]),                                   \
+                                             dot_##NAME(w0, w1, a.q.data() + i * 32), acc[r]);                  \
+                }                                                                                               \
+            }                                                                                                   \
+            for (int r = 0; r < R; ++r) { /* + the sum over groups of m * sum(x), 8 groups at a time */         \
+                const float* sums = a.sum.data() + (r0 + r) * G;                                                \
+                __m256 mins = _mm256_setzero_ps();                                                              \
+                int64_t g = 0;                                                                                  \
+                for (; g + 8 <= G; g += 8)                                                                      \
+                    mins = _mm256_fmadd_ps(_mm256_loadu_ps(m + n * G + g), _mm256_loadu_ps(sums + g), mins);    \
+                float tail = 0.f;                                                                               \
+                for (; g < G; ++g) tail += m[n * G + g] * sums[g];                                              \
+                y[(r0 + r) * ldy + n] = hsum_##NAME(acc[r]) + hsum_##NAME(mins) + tail;                         \
+            }                                                                                                   \
+        }                                                                                                       \
+    }                                                                                                           \
+    template <int R>                                                                                            \
+    __attribute__((target(TARGET))) void q8_block_##NAME(const Activations& a, int64_t r0, int64_t K,           \
+            const int8_t* q, const float* s, int64_t groups, float* y, int64_t ldy, int64_t n0, int64_t n1) {   \
+        const int64_t G = K / 32;                                                                               \
+        for (int64_t n = n0; n < n1; ++n) {                                                                     \
+            __m256 acc[R];                                                                                      \
+            for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();                                           \
+            for (int64_t g = 0; g < G; ++g) {                                                                   \
+                const int8_t* w = q + n * K + g * 32;                                                           \
+                const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));  \
+                const __m256i w1 = _mm256_cvtepi8_epi16(                                                        \
+                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));                                 \
+                const float wscale = groups == 1 ? s[n] : s[n * G + g];                                         \
+                for (int r = 0; r < R; ++r) {                                                                   \
+                    const int64_t i = (r0 + r) * G + g;                                                         \
+                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(wscale * a.scale[i]),                               \
+                                             dot_##NAME(w0, w1, a.q.data() + i * 32), acc[r]);                  \
+                }                                                                                               \
+            }                                                                                                   \
+            for (int r = 0; r < R; ++r) y[(r0 + r) * ldy + n] = hsum_##NAME(acc[r]);                            \
+        }                                                                                                       \
+    }
+
+SLM_256_KERNELS(avx2, "avx2,fma,f16c",
+                _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1)))
+SLM_256_KERNELS(avxvnni, "avx2,fma,f16c,avxvnni",
+                _mm256_dpwssd_avx_epi32(_mm256_dpwssd_avx_epi32(_mm256_setzero_si256(), w0, x0), w1, x1))
+
+// --- 512-bit: AVX-512 VNNI ----------------------------------------------------------------------------------
+// A whole group in one register: its 32 weights as int16, one vpdpwssd against the 32 activations.
+#define SLM_512 "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"
+
+__attribute__((target(SLM_512))) inline __m512 dot_avx512(__m512i w, const int16_t* xq) {
+    const __m512i x = _mm512_loadu_si512(xq);
+    return _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), w, x));
 }
 
-// One group's dot in integers: its 32 weights as int16 (w0: weights 0-15, w1: 16-31) times the group's
-// fixed-point activations xq, eight 32-bit partial sums converted to float.
-__attribute__((target("avx2,fma,f16c"))) inline __m256 group_dot(__m256i w0, __m256i w1, const int16_t* xq) {
-    return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(w0, load16(xq)),
-                                               _mm256_madd_epi16(w1, load16(xq + 16))));
-}
-
-// R activation rows (1 to 4, a compile-time count so the accumulators live in registers) share one unpacking
-// of each weight group. Per group: sum(q * q16) in integers, then acc += d * s * that (one convert, one FMA).
 template <int R>
-__attribute__((target("avx2,fma,f16c")))
-void q4_block_avx2(const Activations& a, int64_t r0, int64_t K, const uint8_t* qs, const float* d,
-                   const float* m, float* y, int64_t N, int64_t n0, int64_t n1) {
+__attribute__((target(SLM_512))) void q4_block_avx512(const Activations& a, int64_t r0, int64_t K,
+        const uint8_t* qs, const float* d, const float* m, float* y, int64_t ldy, int64_t n0, int64_t n1) {
     const int64_t G = K / 32;
     const __m256i low = _mm256_set1_epi16(15);
     for (int64_t n = n0; n < n1; ++n) {
-        __m256 acc[R];
-        for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+        __m512 acc[R];
+        for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
         for (int64_t g = 0; g < G; ++g) {
             const __m256i bytes = _mm256_cvtepu8_epi16(
                 _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + n * K / 2 + g * 16)));
-            const __m256i w_lo = _mm256_and_si256(bytes, low), w_hi = _mm256_srli_epi16(bytes, 4);
+            const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(bytes, low)),
+                                                 _mm256_srli_epi16(bytes, 4), 1);
             const float dg = d[n * G + g];
             for (int r = 0; r < R; ++r) {
                 const int64_t i = (r0 + r) * G + g;
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dg * a.scale[i]), group_dot(w_lo, w_hi, a.q.data() + i * 32),
+                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(dg * a.scale[i]), dot_avx512(w, a.q.data() + i * 32),
                                          acc[r]);
             }
         }
-        for (int r = 0; r < R; ++r) {  // + the sum over groups of m * sum(x), in fp32, 8 groups at a time
+        for (int r = 0; r < R; ++r) {  // + the sum over groups of m * sum(x), 16 groups at a time
             const float* sums = a.sum.data() + (r0 + r) * G;
-            __m256 mins = _mm256_setzero_ps();
+            __m512 mins = _mm512_setzero_ps();
             int64_t g = 0;
-            for (; g + 8 <= G; g += 8)
-                mins = _mm256_fmadd_ps(_mm256_loadu_ps(m + n * G + g), _mm256_loadu_ps(sums + g), mins);
+            for (; g + 16 <= G; g += 16)
+                mins = _mm512_fmadd_ps(_mm512_loadu_ps(m + n * G + g), _mm512_loadu_ps(sums + g), mins);
             float tail = 0.f;
             for (; g < G; ++g) tail += m[n * G + g] * sums[g];
-            y[(r0 + r) * N + n] = hsum(acc[r]) + hsum(mins) + tail;
+            y[(r0 + r) * ldy + n] = _mm512_reduce_add_ps(acc[r]) + _mm512_reduce_add_ps(mins) + tail;
         }
     }
 }
 
-// q8 weights: per 32-weight group the same integer dot, scaled by the weight group's and the activations' scale.
 template <int R>
-__attribute__((target("avx2,fma,f16c")))
-void q8_block_avx2(const Activations& a, int64_t r0, int64_t K, const int8_t* q, const float* s, int64_t group,
-                   float* y, int64_t N, int64_t n0, int64_t n1) {
+__attribute__((target(SLM_512))) void q8_block_avx512(const Activations& a, int64_t r0, int64_t K,
+        const int8_t* q, const float* s, int64_t groups, float* y, int64_t ldy, int64_t n0, int64_t n1) {
     const int64_t G = K / 32;
-    const bool per_channel = group == K;  // else groups of 32 (Q8_0)
     for (int64_t n = n0; n < n1; ++n) {
-        __m256 acc[R];
-        for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+        __m512 acc[R];
+        for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
         for (int64_t g = 0; g < G; ++g) {
-            const int8_t* w = q + n * K + g * 32;
-            const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-            const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));
-            const float wscale = per_channel ? s[n] : s[n * G + g];
+            const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + n * K + g * 32)));
+            const float wscale = groups == 1 ? s[n] : s[n * G + g];
             for (int r = 0; r < R; ++r) {
                 const int64_t i = (r0 + r) * G + g;
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(wscale * a.scale[i]), group_dot(w0, w1, a.q.data() + i * 32),
+                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(wscale * a.scale[i]), dot_avx512(w, a.q.data() + i * 32),
                                          acc[r]);
             }
         }
-        for (int r = 0; r < R; ++r) y[(r0 + r) * N + n] = hsum(acc[r]);
+        for (int r = 0; r < R; ++r) y[(r0 + r) * ldy + n] = _mm512_reduce_add_ps(acc[r]);
     }
 }
 
-// All M rows, four at a time, for outputs n0..n1.
-void q4_rows_avx2(const Activations& a, int64_t M, int64_t K, const uint8_t* qs, const float* d,
-                  const float* m, float* y, int64_t N, int64_t n0, int64_t n1) {
-    for (int64_t r = 0; r < M; r += 4) {
-        switch (std::min<int64_t>(4, M - r)) {
-            case 1: q4_block_avx2<1>(a, r, K, qs, d, m, y, N, n0, n1); break;
-            case 2: q4_block_avx2<2>(a, r, K, qs, d, m, y, N, n0, n1); break;
-            case 3: q4_block_avx2<3>(a, r, K, qs, d, m, y, N, n0, n1); break;
-            default: q4_block_avx2<4>(a, r, K, qs, d, m, y, N, n0, n1);
-        }
+// All M rows, four at a time, for outputs n0..n1, with one instruction set's blocks.
+#define SLM_ROWS(KIND, NAME, ...)                                                                              \
+    for (int64_t r = 0; r < M; r += 4) {                                                                        \
+        switch (std::min<int64_t>(4, M - r)) {                                                                  \
+            case 1: KIND##_block_##NAME<1>(a, r, K, __VA_ARGS__); break;                                        \
+            case 2: KIND##_block_##NAME<2>(a, r, K, __VA_ARGS__); break;                                        \
+            case 3: KIND##_block_##NAME<3>(a, r, K, __VA_ARGS__); break;                                        \
+            default: KIND##_block_##NAME<4>(a, r, K, __VA_ARGS__);                                              \
+        }                                                                                                       \
+    }
+
+bool cpu_has(Isa isa) {
+    static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                             __builtin_cpu_supports("f16c");
+    static const bool avxvnni = avx2 && __builtin_cpu_supports("avxvnni");
+    static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    switch (isa) {
+        case Isa::avx2: return avx2;
+        case Isa::avxvnni: return avxvnni;
+        case Isa::avx512: return avx512;
+        default: return true;
     }
 }
 
-void q8_rows_avx2(const Activations& a, int64_t M, int64_t K, const int8_t* q, const float* s, int64_t group,
-                  float* y, int64_t N, int64_t n0, int64_t n1) {
-    for (int64_t r = 0; r < M; r += 4) {
-        switch (std::min<int64_t>(4, M - r)) {
-            case 1: q8_block_avx2<1>(a, r, K, q, s, group, y, N, n0, n1); break;
-            case 2: q8_block_avx2<2>(a, r, K, q, s, group, y, N, n0, n1); break;
-            case 3: q8_block_avx2<3>(a, r, K, q, s, group, y, N, n0, n1); break;
-            default: q8_block_avx2<4>(a, r, K, q, s, group, y, N, n0, n1);
-        }
-    }
-}
+const char* NAMES[] = {"plain", "avx2", "avxvnni", "avx512"};
 
-bool cpu_has_avx2() {
-    static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                            __builtin_cpu_supports("f16c");
-    return has;
-}
+}  // namespace
 
-// The instruction sets this CPU can run, best first; machine.py picks one (or a test pins one).
 std::vector<std::string> isas() {
     std::vector<std::string> out;
-    if (cpu_has_avx2()) out.push_back("avx2");
-    out.push_back("plain");
+    for (Isa isa : {Isa::avx512, Isa::avxvnni, Isa::avx2, Isa::plain})
+        if (cpu_has(isa)) out.push_back(NAMES[int(isa)]);
     return out;
 }
 
-enum class Isa { plain, avx2 };
-
-Isa check_isa(const std::string& isa) {
-    if (isa == "plain") return Isa::plain;
-    TORCH_CHECK(isa == "avx2", "unknown kernel instruction set '", isa, "'");
-    TORCH_CHECK(cpu_has_avx2(), "this CPU cannot run the '", isa, "' kernels");
-    return Isa::avx2;
+Isa parse_isa(const std::string& name) {
+    for (Isa isa : {Isa::plain, Isa::avx2, Isa::avxvnni, Isa::avx512}) {
+        if (name == NAMES[int(isa)]) {
+            TORCH_CHECK(cpu_has(isa), "this CPU cannot run the '", name, "' kernels");
+            return isa;
+        }
+    }
+    TORCH_CHECK(false, "unknown kernel instruction set '", name, "'");
 }
+
+void q4_matmul(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m, int64_t N,
+               float* y, int64_t ldy, Isa isa) {
+    if (isa == Isa::plain) {
+        const int64_t G = K / 32;
+        std::vector<float> xsum(M * G, 0.f);  // each group's sum of x, for the m * sum(x) terms
+        for (int64_t i = 0; i < M * K; ++i) xsum[i / 32] += x[i];
+        at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+            q4_rows_plain(x, xsum.data(), M, K, qs, d, m, y, ldy, n0, n1);
+        });
+        return;
+    }
+    const Activations a = to_fixed_point(x, M, K);
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+        if (isa == Isa::avx512) {
+            SLM_ROWS(q4, avx512, qs, d, m, y, ldy, n0, n1)
+        } else if (isa == Isa::avxvnni) {
+            SLM_ROWS(q4, avxvnni, qs, d, m, y, ldy, n0, n1)
+        } else {
+            SLM_ROWS(q4, avx2, qs, d, m, y, ldy, n0, n1)
+        }
+    });
+}
+
+void q8_matmul(const float* x, int64_t M, int64_t K, const int8_t* q, const float* s, int64_t groups, int64_t N,
+               float* y, int64_t ldy, Isa isa) {
+    if (isa == Isa::plain) {
+        at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+            q8_rows_plain(x, M, K, q, s, groups, y, ldy, n0, n1);
+        });
+        return;
+    }
+    const Activations a = to_fixed_point(x, M, K);
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+        if (isa == Isa::avx512) {
+            SLM_ROWS(q8, avx512, q, s, groups, y, ldy, n0, n1)
+        } else if (isa == Isa::avxvnni) {
+            SLM_ROWS(q8, avxvnni, q, s, groups, y, ldy, n0, n1)
+        } else {
+            SLM_ROWS(q8, avx2, q, s, groups, y, ldy, n0, n1)
+        }
+    });
+}
+
+namespace {
 
 void check_x(const at::Tensor& x, int64_t K) {
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == K && x.is_contiguous(),
@@ -213,49 +320,31 @@ void check_x(const at::Tensor& x, int64_t K) {
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m,
                      const std::string& isa) {
-    const int64_t N = qs.size(0), K = qs.size(1) * 2, M = x.size(0), G = K / 32;
+    const int64_t N = qs.size(0), K = qs.size(1) * 2, G = K / 32;
     check_x(x, K);
     TORCH_CHECK(K % 32 == 0 && qs.scalar_type() == at::kByte && d.scalar_type() == at::kFloat &&
-                m.scalar_type() == at::kFloat && d.size(1) == G && m.size(1) == G, "bad q4 weight layout");
-    auto y = at::empty({M, N}, x.options());
-    const float* xp = x.data_ptr<float>();
-    const float *dp = d.data_ptr<float>(), *mp = m.data_ptr<float>();
-    if (check_isa(isa) == Isa::avx2) {
-        const Activations a = to_fixed_point(xp, M, K);
-        at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-            q4_rows_avx2(a, M, K, qs.data_ptr<uint8_t>(), dp, mp, y.data_ptr<float>(), N, n0, n1);
-        });
-    } else {
-        std::vector<float> xsum(M * G, 0.f);  // each group's sum of x, for the m * sum(x) terms
-        for (int64_t i = 0; i < M * K; ++i) xsum[i / 32] += xp[i];
-        at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-            q4_rows_plain(xp, xsum.data(), M, K, qs.data_ptr<uint8_t>(), dp, mp, y.data_ptr<float>(), N, n0, n1);
-        });
-    }
+                m.scalar_type() == at::kFloat && d.size(1) == G && m.size(1) == G && qs.is_contiguous() &&
+                d.is_contiguous() && m.is_contiguous(), "bad q4 weight layout");
+    auto y = at::empty({x.size(0), N}, x.options());
+    q4_matmul(x.data_ptr<float>(), x.size(0), K, qs.data_ptr<uint8_t>(), d.data_ptr<float>(), m.data_ptr<float>(), N,
+              y.data_ptr<float>(), N, parse_isa(isa));
     return y;
 }
 
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const std::string& isa) {
-    const int64_t N = q.size(0), K = q.size(1), M = x.size(0), group = K / s.size(1);
+    const int64_t N = q.size(0), K = q.size(1);
     check_x(x, K);
     TORCH_CHECK(q.scalar_type() == at::kChar && s.scalar_type() == at::kFloat && K % 32 == 0 &&
-                (s.size(1) == 1 || s.size(1) == K / 32), "bad q8 weight layout: one scale per row or per 32");
-    auto y = at::empty({M, N}, x.options());
-    const float* xp = x.data_ptr<float>();
-    if (check_isa(isa) == Isa::avx2) {
-        const Activations a = to_fixed_point(xp, M, K);
-        at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-            q8_rows_avx2(a, M, K, q.data_ptr<int8_t>(), s.data_ptr<float>(), group, y.data_ptr<float>(), N, n0, n1);
-        });
-    } else {
-        at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-            q8_rows_plain(xp, M, K, q.data_ptr<int8_t>(), s.data_ptr<float>(), group, y.data_ptr<float>(), N, n0, n1);
-        });
-    }
+                (s.size(1) == 1 || s.size(1) == K / 32) && q.is_contiguous() && s.is_contiguous(),
+                "bad q8 weight layout: one scale per row or per 32");
+    auto y = at::empty({x.size(0), N}, x.options());
+    q8_matmul(x.data_ptr<float>(), x.size(0), K, q.data_ptr<int8_t>(), s.data_ptr<float>(), s.size(1), N,
+              y.data_ptr<float>(), N, parse_isa(isa));
     return y;
 }
 
 }  // namespace
+}  // namespace slm
 
 // Dispatcher ops, so that a compiled graph calls them without going through Python.
 TORCH_LIBRARY(slm, lib) {
@@ -264,8 +353,6 @@ TORCH_LIBRARY(slm, lib) {
 }
 
 TORCH_LIBRARY_IMPL(slm, CPU, lib) {
-    lib.impl("q4_linear", &q4_linear);
-    lib.impl("q8_linear", &q8_linear);
+    lib.impl("q4_linear", &slm::q4_linear);
+    lib.impl("q8_linear", &slm::q8_linear);
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) { module.def("isas", &isas); }

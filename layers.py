@@ -77,7 +77,8 @@ class Linear(nn.Linear):
 # --- weight-only quantized layers (int8, int4) --------------------------------------------------------
 @functools.cache
 def quant_ops():
-    """kernels.cpp as torch.ops.slm (plus isas()), built at first use (about a minute, then cached in .cache/)."""
+    """kernels.cpp + step.cpp as torch.ops.slm (the quantized matmuls), isas() and Model (the fused decoder step),
+    built at first use with this machine's compiler (about a minute, once; then cached in .cache/kernels)."""
     from pathlib import Path
 
     from torch.utils.cpp_extension import load
@@ -85,9 +86,12 @@ def quant_ops():
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")  # ninja
     build = CACHE / "kernels"
     build.mkdir(parents=True, exist_ok=True)
-    module = load(name="slm_kernels", sources=[str(Path(__file__).resolve().parent / "kernels.cpp")],
+    root = Path(__file__).resolve().parent
+    if not any(build.glob("*.so")):
+        print("building kernels.cpp and step.cpp for this machine (once, about a minute)...", file=sys.stderr)
+    module = load(name="slm_kernels", sources=[str(root / "kernels.cpp"), str(root / "step.cpp")],
                   build_directory=str(build), extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                  verbose=False)
+                  extra_include_paths=[str(root)], verbose=False)
     # output shapes, for torch.compile
     torch.library.register_fake("slm::q4_linear")(lambda x, qs, d, m, isa: x.new_empty(x.size(0), qs.size(0)))
     torch.library.register_fake("slm::q8_linear")(lambda x, q, s, isa: x.new_empty(x.size(0), q.size(0)))
@@ -95,9 +99,17 @@ def quant_ops():
 
 
 def quant_kernel() -> str:
-    """The instruction set the int8/int4 kernels run with: the best this CPU has, unless pinned (a pin this CPU
-    cannot run fails at the first call, saying so)."""
-    return MACHINE.decide("quant_kernel", lambda: quant_ops().isas()[0])
+    """The instruction set the int8/int4 kernels and the fused step run with: the best this CPU has, unless
+    pinned (a pin this CPU cannot run fails at the first call, saying so)."""
+    return MACHINE.decide("quant_kernel", lambda: kernel_isas()[0])
+
+
+def kernel_isas() -> list[str]:
+    """The instruction sets of kernels.cpp this CPU can run, best first, capped where ATen's own kernels are
+    (ATEN_CPU_CAPABILITY=avx2 or default), so that a machine capped to emulate a smaller one runs its kernels."""
+    cap = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    allowed = {"avx2": ("avx2", "plain"), "default": ("plain",)}.get(cap)
+    return [isa for isa in quant_ops().isas() if allowed is None or isa in allowed]
 
 
 def dense_min_rows() -> int:

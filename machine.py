@@ -1,8 +1,10 @@
 """Every per-machine choice in one object: decided once per process, printed, pinnable, the same on every rank.
 
 A choice is decided the first time something needs it, by the measurement its owner passes in (the GEMM
-timings live beside the layers they time), and then never changes for the life of the process. Pin any of
-them, for tests or for a machine you know, with an environment variable or a script's --machine flag:
+timings live beside the layers they time), and then never changes for the life of the process. A measured
+choice is kept in .cache/machine/ for this CPU, thread count and torch version, so later processes take the
+same one without timing again (delete the file to measure afresh). Pin any of them, for tests or for a machine
+you know, with an environment variable or a script's --machine flag:
 
   SLM_MACHINE="bf16_gemms_in_fp32=0,dense_min_rows=8" python inference.py ...
   python train.py --machine quant_kernel=plain ...
@@ -13,6 +15,8 @@ moment on one rank cannot send the ranks down different paths.
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import json
 import os
 import time
 from collections.abc import Callable
@@ -39,10 +43,20 @@ class Machine:
         self.pins_read = False
 
     def decide(self, name: str, measure: Callable[[], object]) -> object:
-        """The choice `name`: pinned, already decided, or measured now (once)."""
+        """The choice `name`: pinned, already decided, measured by an earlier process on this machine, or
+        measured now (once)."""
         self.read_environment()
         if name not in self.values:
-            self.values[name], self.how[name] = CHOICES[name][0](measure()), "measured"
+            path = measured_path()
+            kept = json.loads(path.read_text()) if path.is_file() else {}
+            if name in kept:
+                self.values[name], self.how[name] = kept[name], "measured earlier"
+            else:
+                self.values[name], self.how[name] = CHOICES[name][0](measure()), "measured"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(kept | {name: self.values[name]}))
+                os.replace(tmp, path)
         return self.values[name]
 
     def read_environment(self) -> None:
@@ -82,6 +96,15 @@ class Machine:
 
 
 MACHINE = Machine()
+
+
+def measured_path() -> Path:
+    """Where this machine's measured choices are kept: one file per CPU, thread count and torch version."""
+    cpu = next((line for line in open("/proc/cpuinfo") if line.startswith("model name")), "") \
+        if os.path.exists("/proc/cpuinfo") else ""
+    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "") if cpu else ""
+    key = f"{cpu}|{flags}|{torch.get_num_threads()}|{torch.__version__}|{os.environ.get('ATEN_CPU_CAPABILITY')}"
+    return CACHE / "machine" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
 def best_time(fn: Callable[[], object], repeats: int = 5) -> float:

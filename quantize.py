@@ -16,11 +16,12 @@ GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 MODES = ("int8", "int4")
 
 
-def quantize_model(model: GPT, mode: str, gguf_blocks: dict | None = None) -> GPT:
+def quantize_model(model: GPT, mode: str, gguf_blocks: dict | None = None, blocks_only: bool = False) -> GPT:
     """Every matmul weight (q, k, v, o, gate, up, down and the head) as int8 or int4, in place. Where the
     checkpoint kept GGUF blocks, those are used as they are: Q4_0/Q4_1 for int4, Q8_0 for either (llama.cpp's
-    choice for SmolLM2's embedding, finer than 4 bits). A tied embedding's lookup reads the quantized head's
-    rows. q/k/v and gate/up of one format and layout become one matmul each."""
+    choice for SmolLM2's embedding, finer than 4 bits); blocks_only leaves every other weight as it is, so the
+    numbers stay the checkpoint's. A tied embedding's lookup reads the quantized head's rows. q/k/v and gate/up
+    of one format and layout become one matmul each."""
     if mode not in MODES:
         raise ValueError(f"quantization must be int8 or int4, not {mode!r}")
     gguf_blocks = gguf_blocks or {}
@@ -34,18 +35,21 @@ def quantize_model(model: GPT, mode: str, gguf_blocks: dict | None = None) -> GP
         block = gguf_blocks.get(key)
         if block is not None and block["type"] in wanted:
             layer = from_gguf_blocks(block["type"], block["data"], tuple(module.weight.shape))
+        elif blocks_only:
+            continue
         else:
             quantize = quantize_q4 if mode == "int4" and module.in_features % 32 == 0 else quantize_q8
             layer = quantize(module.weight.detach())
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer.to(module.weight.device))
-    if model.config.tie_embeddings:
+    if model.config.tie_embeddings and isinstance(model.lm_head, QuantLinear):
         model.embed_tokens = QuantEmbedding(model.lm_head)
     for block in model.layers:
         for parent, names in ((block.self_attn, ("q_proj", "k_proj", "v_proj")), (block.mlp, ("gate_proj", "up_proj"))):
             layers = [getattr(parent, n) for n in names]
-            if len({(layer.fmt, layer.in_features, tuple(layer.s.shape[1:]) if layer.fmt == "q8" else None)
-                    for layer in layers}) == 1:  # one format and layout: they can be one matmul
+            layouts = {(layer.fmt, layer.in_features, tuple(layer.s.shape[1:]) if layer.fmt == "q8" else None)
+                       for layer in layers if isinstance(layer, QuantLinear)}
+            if all(isinstance(layer, QuantLinear) for layer in layers) and len(layouts) == 1:  # one matmul
                 group = FusedProjections(layers)
                 for layer in layers:
                     object.__setattr__(layer, "group", group)  # not a child: the group is registered once, below

@@ -1,10 +1,13 @@
 """The model runner: owns the KV cache, turns a scheduled Batch into one forward pass, and samples.
 
-A pass holds a decode part (one token for each running row, static shapes) and prompt chunks, so a step that
-admits prompts still reads the weights once. Eager passes span the rows up to the highest one in use and the
-cache slots up to the longest row (rounded up to 64), so a step costs time linear in what is in use. The
-compiled decode step (torch.compile: frozen, prepacked weights on CPU, CUDA graphs on GPU) runs every row and
-every slot, its shapes fixed; prompt chunks then go through the eager pass first.
+A pass holds the decode tokens of the running rows and the step's prompt chunks, so a step that admits prompts
+still reads the weights once. Three ways to run it, all with the model's own numbers:
+  fused     step.cpp: the whole pass in one C++ call, each token attending over its own row's slots (any rows,
+            any lengths, no compile); the default wherever it runs (CPU; fp32 or int8/int4 weights)
+  eager     model.py op by op: the decode part spans the rows up to the highest one in use and the cache slots up
+            to the longest row (rounded up to 64), so a step costs time linear in what is in use
+  compiled  torch.compile of the decode part (frozen, prepacked weights on CPU, CUDA graphs on GPU), every row and
+            every slot, its shapes fixed; prompt chunks go through the eager pass first
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ import weakref
 
 import torch
 
-from layers import QuantLinear, dense_min_rows, quant_kernel
+from config import STEPS
+from layers import QuantEmbedding, QuantLinear, dense_min_rows, quant_kernel, quant_ops
 from model import GPT, Decode, Prefill
 from scheduler import Batch, Sequence
 
@@ -38,13 +42,22 @@ def allocate_kv_cache(model: GPT, rows: int, slots: int) -> list[tuple[torch.Ten
 
 
 class ModelRunner:
-    def __init__(self, model: GPT, rows: int, max_len: int, compile: bool = False, use_cache: bool = True):
-        """use_cache=False recomputes every sequence whole at every step (for comparison only)."""
+    def __init__(self, model: GPT, rows: int, max_len: int, step: str = "auto", use_cache: bool = True):
+        """step: fused, eager or compiled (auto: fused where it runs, else eager). use_cache=False recomputes
+        every sequence whole at every step (for comparison only)."""
+        if step not in STEPS:
+            raise ValueError(f"step must be one of {', '.join(STEPS)}, not {step!r}")
+        if step == "fused" and not fused_runs(model):
+            raise ValueError("the fused step runs on the CPU with fp32 or int8/int4 weights; use --step eager")
         self.model, self.rows, self.max_len, self.use_cache = model, rows, max_len, use_cache
         self.device = model.rope_cos.device
         self.kv_cache = allocate_kv_cache(model, rows, max_len) if use_cache else None
-        self.compiled = compile and use_cache
+        self.step = "recompute" if not use_cache else ("fused" if fused_runs(model) else "eager") if step == "auto" \
+            else step
+        self.compiled = self.step == "compiled"
         self.decode_step = compile_decode_step(model) if self.compiled else model.decode_step
+        self.quantized = any(isinstance(m, QuantLinear) for m in model.modules())
+        self.fused = fused_model(model) if self.step == "fused" else None
 
     @property
     def compile_seconds(self) -> float:
@@ -53,8 +66,10 @@ class ModelRunner:
     def forward(self, batch: Batch, running: list[Sequence | None]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The logits of the batch's sampled rows (len(batch.sampled), vocab) and after each prompt chunk
         (len(batch.chunks), vocab); None for a part the batch does not have."""
-        if not self.use_cache:
+        if self.step == "recompute":
             return self.forward_without_cache(batch, running)
+        if self.step == "fused":
+            return self.forward_fused(batch)
         chunks = prefill_part(batch.chunks, self.device) if batch.chunks else None
         span = self.rows if self.compiled else batch.span
         slots = self.max_len if self.compiled else min(self.max_len, -(-batch.length // KV_WINDOW) * KV_WINDOW)
@@ -77,6 +92,27 @@ class ModelRunner:
             ends = torch.cat([sampled, span + ends])
         logits = self.model.step(ids, positions, parts, kv, ends)
         return (logits[:len(batch.sampled)] if decode else None), logits[-len(batch.chunks):]
+
+    def forward_fused(self, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The pass through step.cpp: only real tokens (no filler rows), each attending over its own row."""
+        decode = [batch.decode[row] for row in batch.sampled]
+        ids = [token for token, _ in decode] + [t for _, _, chunk in batch.chunks for t in chunk]
+        rows = batch.sampled + [row for row, _, chunk in batch.chunks for _ in chunk]
+        positions = [slot for _, slot in decode] + [start + j for _, start, chunk in batch.chunks
+                                                    for j in range(len(chunk))]
+        ends, at = list(range(len(decode))), len(decode)
+        for _, _, chunk in batch.chunks:
+            at += len(chunk)
+            ends.append(at - 1)
+        gemm_rows = 1 << 62  # the rows from which quantized layers run a GEMM on their dequantized weights
+        if self.quantized and len(ids) > 1 and len(ids) >= dense_min_rows():
+            gemm_rows = dense_min_rows()
+            if not self.fused.has_dense():  # made when first needed: 4 bytes a weight
+                self.fused = fused_model(self.model, dense=True)
+        logits = self.fused.forward(*(torch.tensor(v) for v in (ids, rows, positions, ends)),
+                                    [k for k, _ in self.kv_cache], [v for _, v in self.kv_cache], quant_kernel(),
+                                    gemm_rows)
+        return (logits[:len(decode)] if decode else None), (logits[len(decode):] if batch.chunks else None)
 
     def forward_without_cache(self, batch: Batch, running: list[Sequence | None]):
         """Next-token logits of whole sequences, recomputed from scratch (right padding is causal-safe)."""
@@ -104,6 +140,40 @@ class ModelRunner:
                 seq.generator = torch.Generator(self.device).manual_seed(r.seed)
             tokens.append(int(sample_next(logits[b:b + 1], r.temperature, r.top_k, r.top_p, seq.generator)[0]))
         return tokens
+
+
+def fused_runs(model: GPT) -> bool:
+    """Whether step.cpp can run this model: on the CPU, with fp32 activations (fp32 or int8/int4 weights)."""
+    return not model.rope_cos.is_cuda and model.norm.weight.dtype == torch.float32 and all(
+        isinstance(m, QuantLinear) or m.weight.dtype == torch.float32 for m in model.modules()
+        if isinstance(m, torch.nn.Linear))
+
+
+def fused_model(model: GPT, dense: bool = False):
+    """step.cpp's Model over this model's own weight tensors (no copies; int4/int8 layers keep their blocks, and
+    with dense=True their fp32 dequantization too, for the steps with many rows)."""
+    empty = torch.empty(0)
+
+    def spec(module) -> list[torch.Tensor]:
+        if isinstance(module, QuantLinear):
+            if dense and module.dense is None:
+                module.dense = module.dequantize()
+            blocks = (module.qs, module.d, module.m) if module.fmt == "q4" else (module.q, module.s, empty)
+            return [*blocks, module.dense if dense else empty]
+        return [module.weight.detach(), empty, empty, empty]
+
+    def group(parent, names: tuple[str, ...]) -> list[list[torch.Tensor]]:
+        fused = getattr(parent, "fused", None)  # quantize_model's one matmul for these
+        return [spec(fused.fused)] if fused is not None else [spec(getattr(parent, n)) for n in names]
+
+    cfg = model.config
+    embed = spec(model.embed_tokens.head if isinstance(model.embed_tokens, QuantEmbedding) else model.embed_tokens)
+    norms = [[block.input_layernorm.weight.detach(), block.post_attention_layernorm.weight.detach()]
+             for block in model.layers]
+    projections = [[group(b.self_attn, ("q_proj", "k_proj", "v_proj")), [spec(b.self_attn.o_proj)],
+                    group(b.mlp, ("gate_proj", "up_proj")), [spec(b.mlp.down_proj)]] for b in model.layers]
+    return quant_ops().Model(cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.norm_eps, model.rope_cos, model.rope_sin,
+                             embed, norms, projections, model.norm.weight.detach(), [spec(model.lm_head)])
 
 
 def prefill_part(chunks: list[tuple[int, int, list[int]]], device: torch.device):

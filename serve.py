@@ -20,8 +20,8 @@ from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from checkpoint import CheckpointError, load_model
-from config import DTYPES, ArgumentParser, add_runtime_args, positive
+from checkpoint import CheckpointError, describe_weights, load_model
+from config import ArgumentParser, add_inference_args, positive
 from engine import Engine, EngineThread, LengthError, Request, check_lengths
 from machine import MACHINE, prepare_process
 from tokenizer import Tokenizer
@@ -232,10 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-queue", type=positive(int), default=256, help="waiting requests before 429")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/")
     p.add_argument("--model-name", default=None, help="the model's id (default: the checkpoint's folder name)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="int8 or int4 weights")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first start)")
-    add_runtime_args(p)
+    add_inference_args(p)
     args = p.parse_args(argv)
     try:
         prepare_process(args.machine)
@@ -245,9 +242,10 @@ def main(argv: list[str] | None = None) -> None:
     path = Path(args.checkpoint)
     name = args.model_name or (path.parent.name if path.suffix == ".ckpt" else path.name)
     max_len = min(args.max_len, model.config.max_seq_len)
-    engine = EngineThread(Engine(model, rows=args.batch_size, max_len=max_len, tokenizer=tok, compile=args.compile))
+    engine = EngineThread(Engine(model, rows=args.batch_size, max_len=max_len, tokenizer=tok, step=args.step))
     print(f"serving {name} ({model.num_params():,} parameters, {args.batch_size} rows of {max_len} tokens, "
-          f"{args.quantize or DTYPES[args.dtype]}) at http://{args.host}:{args.port}/v1", flush=True)
+          f"{describe_weights(model)}, {engine.engine.runner.step} step) at http://{args.host}:{args.port}/v1",
+          flush=True)
     uvicorn.run(create_app(engine, tok, name, args.api_key, args.max_queue), host=args.host, port=args.port,
                 log_level="warning")
 

@@ -118,15 +118,14 @@ def test_prompt_over_the_cap_is_refused(responder):
 def test_failed_generation_shows_an_error_and_the_app_keeps_serving(responder):
     """A pass that raises: the UI shows the error, and the next generation works."""
     engine, respond = responder
-    model = engine.model
-    step, calls = model.step, []
+    forward, calls = engine.runner.forward, []
 
     def failing_once(*args):
         calls.append(1)
         if len(calls) == 2:  # the first pass prefills; the second also decodes
             raise RuntimeError("simulated kernel failure")
-        return step(*args)
-    model.step = failing_once
+        return forward(*args)
+    engine.runner.forward = failing_once
     with pytest.raises(gr.Error, match="generation failed: RuntimeError: simulated kernel failure"):
         list(respond(PROMPT, 8, 0.0, 0, 1.0))
     text, status = list(respond(PROMPT, 8, 0.0, 0, 1.0))[-1]

@@ -108,15 +108,24 @@ def cpu_flags() -> set[str]:
             for flag in line.split(":", 1)[1].split()}
 
 
-def test_the_kernels_offer_every_instruction_set_this_cpu_has():
-    """isas() is what the C++ side can run here, best first; machine.py picks the first unless pinned."""
+def test_the_kernels_offer_every_instruction_set_this_cpu_has(monkeypatch):
+    """isas() is what the C++ side can run here, best first, as /proc/cpuinfo says; kernel_isas() caps it where
+    ATen's kernels are capped (ATEN_CPU_CAPABILITY, as `make test-avx2` does), so that an emulated AVX2 machine
+    runs the AVX2 kernels; machine.py picks the first unless pinned."""
     flags, isas = cpu_flags(), layers.quant_ops().isas()
-    assert isas[-1] == "plain" and ("avx2" in isas) == ({"avx2", "fma", "f16c"} <= flags)
+    avx2 = {"avx2", "fma", "f16c"} <= flags
+    assert isas[-1] == "plain" and ("avx2" in isas) == avx2
+    assert ("avxvnni" in isas) == (avx2 and "avx_vnni" in flags)
+    assert ("avx512" in isas) == (avx2 and {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags)
+    assert isas == sorted(isas, key=["avx512", "avxvnni", "avx2", "plain"].index)
+    for cap, allowed in (("avx2", {"avx2", "plain"}), ("default", {"plain"}), ("avx512", set(isas))):
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", cap)
+        assert layers.kernel_isas() == [i for i in isas if i in allowed]
 
 
-# The plain loops are exact fp32; the SIMD paths round activations to fixed point per group of 32 (AVX2: 16 bits,
-# 1.5e-5 of the group's largest |x|).
-TOLERANCE = {"plain": 1e-6, "avx2": 1e-4}
+# The plain loops are exact fp32; the SIMD paths round activations to 16-bit fixed point per group of 32
+# (1.5e-5 of the group's largest |x|).
+TOLERANCE = {"plain": 1e-6, "avx2": 1e-4, "avxvnni": 1e-4, "avx512": 1e-4}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -129,7 +138,7 @@ def test_quantized_kernels_match_the_dequantized_weights(layout, rows):
     x = torch.randn(rows, 96, generator=g)
     want = reference(x, layer)
     args = (layer.qs, layer.d, layer.m) if layer.fmt == "q4" else (layer.q, layer.s)
-    for isa in layers.quant_ops().isas():
+    for isa in layers.quant_ops().isas():  # every one, even above an ATEN_CPU_CAPABILITY cap
         got = getattr(torch.ops.slm, f"{layer.fmt}_linear")(x, *args, isa)
         assert (got.double() - want).abs().max() <= TOLERANCE[isa] * want.abs().max(), (isa, layout)
 

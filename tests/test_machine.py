@@ -10,18 +10,24 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import layers
+import machine
 from machine import ENV, MACHINE, Machine
 from tests.test_train import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_a_choice_is_measured_once_then_kept():
+def test_a_choice_is_measured_once_then_kept_for_later_processes(tmp_path, monkeypatch):
+    monkeypatch.setattr(machine, "measured_path", lambda: tmp_path / "m.json")
     m, calls = Machine(), []
     m.pins_read = True
     assert m.decide("dense_min_rows", lambda: calls.append(1) or 16) == 16
     assert m.decide("dense_min_rows", lambda: calls.append(1) or 4) == 16 and calls == [1]
     assert m.summary() == {"choices": {"dense_min_rows": 16}, "how": {"dense_min_rows": "measured"}}
+    later = Machine()  # another process on this machine
+    later.pins_read = True
+    assert later.decide("dense_min_rows", lambda: calls.append(1) or 4) == 16 and calls == [1]
+    assert later.how == {"dense_min_rows": "measured earlier"}
 
 
 def test_pins_parse_and_bad_pins_say_what_is_known():
@@ -46,9 +52,10 @@ def test_the_flag_wins_over_the_environment_and_the_stats_say_so(tmp_path):
                                        "how": {"dense_min_rows": "pinned", "quant_kernel": "pinned"}}
 
 
-def ranks_decide(rank: int, port: int, results) -> None:
+def ranks_decide(rank: int, port: int, results, kept: str) -> None:
     """One gloo rank whose own measurement of the bf16 route disagrees with the other rank's."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    machine.measured_path = lambda: Path(kept) / f"rank{rank}.json"  # no choice measured earlier
     layers.cpu_bf16_gemm_is_slow = lambda: rank == 1  # a busy moment on rank 1, say
     if rank == 0:
         layers.bf16_gemms_run_in_fp32()
@@ -57,11 +64,11 @@ def ranks_decide(rank: int, port: int, results) -> None:
     dist.destroy_process_group()
 
 
-def test_ddp_ranks_take_rank_0s_choices():
+def test_ddp_ranks_take_rank_0s_choices(tmp_path):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=ranks_decide, args=(rank, port, results)) for rank in range(2)]
+    procs = [ctx.Process(target=ranks_decide, args=(rank, port, results, str(tmp_path))) for rank in range(2)]
     for p in procs:
         p.start()
     got = sorted(results.get(timeout=120) for _ in procs)

@@ -36,3 +36,35 @@ def test_quantized_model_matches_fp32_with_the_dequantized_weights(mode):
             1e-3 * want.abs().max()
         compiled = compile_decode_step(quantized)(tokens, positions, kv[quantized])
         assert (compiled - want).abs().max() <= 1e-3 * want.abs().max()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("gemm_rows", [2, 64], ids=["gemm", "kernels"])
+def test_fused_step_of_a_quantized_model_equals_the_eager_pass(machine, mode, gemm_rows):
+    """step.cpp on int8/int4 weights, with every instruction set this CPU has pinned in turn and the many-row GEMM
+    on the dequantized weights taken (dense_min_rows 2) or not (64): its logits on a ragged pass (prompt chunks
+    beside decode tokens) equal the eager pass's, and the runner ran the fused step. The plain kernels and the
+    GEMM are exact fp32 (1e-5 of the largest logit); the SIMD kernels round activations to 16 bits per group, so
+    passes whose inputs differ by fp32 rounding may round a few of them apart (1e-3, as against fp32 above)."""
+    from layers import kernel_isas
+    from runner import ModelRunner
+    from scheduler import Batch
+
+    torch.manual_seed(0)
+    model = quantize_model(GPT(small_config(vocab_size=128, d_model=64, ffn_hidden=96, init_std=0.2)).eval(), mode)
+    prompts = [torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 7, 5)]
+    first = Batch(chunks=[(0, 0, prompts[0]), (2, 0, prompts[2])], decode=[], sampled=[], span=3, length=5)
+    second = Batch(chunks=[(1, 0, prompts[1])], decode=[(9, 3), (0, 0), (4, 5)], sampled=[0, 2], span=3, length=7)
+    for isa in kernel_isas():
+        machine.pin(f"quant_kernel={isa},dense_min_rows={gemm_rows}")
+        got = {}
+        for step in ("eager", "fused"):
+            runner = ModelRunner(model, rows=3, max_len=16, step=step)
+            assert runner.step == step
+            with torch.no_grad():
+                got[step] = [runner.forward(first, [None] * 3), runner.forward(second, [None] * 3)]
+        for want, have in zip(got["eager"], got["fused"]):
+            for a, b in zip(want, have):
+                if a is not None:
+                    tolerance = 1e-5 if isa == "plain" or gemm_rows == 2 else 1e-3
+                    assert (a - b).abs().max() <= tolerance * a.abs().max(), (isa, gemm_rows)
