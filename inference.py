@@ -132,12 +132,14 @@ def generate_all(model: GPT, tok: Tokenizer, prompts: list[list[int]], args: arg
     stream(text) gets the completion of a lone prompt piece by piece."""
     rows: list[list[int]] = []
     in_order = InOrder(emit or (lambda i, request: rows.append(request.tokens)))
+    t_setup = time.perf_counter()
     engine = make_engine(model, tok, args, max(len(p) for p in prompts) + args.max_new_tokens, len(prompts))
     on_text = stream if len(prompts) == 1 else None
     t0 = time.perf_counter()
     for request in engine.run(make_request(i, ids, args, on_text) for i, ids in enumerate(prompts)):
         in_order(request)
-    return (None if emit else rows), speed_report(engine, len(prompts), time.perf_counter() - t0)
+    report = speed_report(engine, len(prompts), time.perf_counter() - t0)
+    return (None if emit else rows), report | {"setup_s": t0 - t_setup}
 
 
 # --- worker processes on one shared queue -----------------------------------------------------------
@@ -262,12 +264,13 @@ def main(argv: list[str] | None = None) -> None:
     check_args(parser, args)
     try:
         prepare_process(args.machine)
-        model = None
+        model, load_s = None, None
         if args.num_procs > 1:  # the workers load the model; here only its config and tokenizer
             config, tok = config_and_tokenizer(load_checkpoint(args.checkpoint, mmap=True))
         else:
+            t0 = time.perf_counter()
             model, tok = load_model(args.checkpoint, args.device, args.dtype, args.quantize)
-            config = model.config
+            config, load_s = model.config, time.perf_counter() - t0
         texts = read_prompts(args)
         resolve_new_tokens(args, config.max_seq_len)
         try:
@@ -292,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         print(speed_line(report))
         if args.stats_json:
             Path(args.stats_json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.stats_json).write_text(json.dumps(report, indent=1))
+            Path(args.stats_json).write_text(json.dumps(report | {"load_s": load_s}, indent=1))
     except (CheckpointError, ValueError, FileNotFoundError, json.JSONDecodeError, KeyError, RuntimeError) as e:
         exit_with_error(e, args.debug)
 

@@ -149,9 +149,16 @@ def fused_runs(model: GPT) -> bool:
         if isinstance(m, torch.nn.Linear))
 
 
+FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (its weights, step.cpp's Model)
+
+
 def fused_model(model: GPT, dense: bool = False):
-    """step.cpp's Model over this model's own weight tensors (no copies; int4/int8 layers keep their blocks, and
-    with dense=True their fp32 dequantization too, for the steps with many rows)."""
+    """step.cpp's Model over this model's own weight tensors, made once per model and remade only when a weight
+    tensor was replaced (no copies: it sees in-place updates, as training makes; int4/int8 layers keep their
+    blocks, and with dense=True their fp32 dequantization too, for the steps with many rows)."""
+    weights = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+    if model in FUSED and FUSED[model][0] == weights and (FUSED[model][1].has_dense() or not dense):
+        return FUSED[model][1]
     empty = torch.empty(0)
 
     def spec(module) -> list[torch.Tensor]:
@@ -172,8 +179,10 @@ def fused_model(model: GPT, dense: bool = False):
              for block in model.layers]
     projections = [[group(b.self_attn, ("q_proj", "k_proj", "v_proj")), [spec(b.self_attn.o_proj)],
                     group(b.mlp, ("gate_proj", "up_proj")), [spec(b.mlp.down_proj)]] for b in model.layers]
-    return quant_ops().Model(cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.norm_eps, model.rope_cos, model.rope_sin,
-                             embed, norms, projections, model.norm.weight.detach(), [spec(model.lm_head)])
+    FUSED[model] = weights, quant_ops().Model(cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.norm_eps, model.rope_cos,
+                                              model.rope_sin, embed, norms, projections, model.norm.weight.detach(),
+                                              [spec(model.lm_head)])
+    return FUSED[model][1]
 
 
 def prefill_part(chunks: list[tuple[int, int, list[int]]], device: torch.device):

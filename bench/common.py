@@ -11,12 +11,10 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import config_and_tokenizer, load_checkpoint, load_model
 from layers import bf16_gemms_run_in_fp32
 from machine import peak_matmul_flops
 
-PROMPT_TEXT = ("The quick brown fox jumps over the lazy dog while the sun sets behind the hills and the "
-               "children walk home from school, talking about")
+PROMPT = "The quick brown fox jumps over the lazy dog while the sun sets behind the hills and"  # 16 SmolLM2 tokens
 ROOT = Path(__file__).resolve().parent.parent
 CHAT_PROMPTS = ROOT / "prompts" / "chat.txt"
 
@@ -56,44 +54,14 @@ def machine_facts() -> dict:
     return facts
 
 
-FORMATS = {"fp32": None, "int8": "int8", "int4": "int4"}  # ours: --quantize
-
-
-def llama_cpp(gguf: str | None, threads: int, n_ctx: int = 1024):
-    """llama.cpp (llama-cpp-python) on a GGUF file, or None where it is not installed or there is no file."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    if not gguf or not str(gguf).endswith(".gguf") or not Path(gguf).is_file():
-        return None
-    return Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, verbose=False,
-                 seed=0)
-
-
-def llama_greedy(llm, prompt: list[int], new_tokens: int) -> list[int]:
-    """llama.cpp's greedy continuation (its own sampler at top_k=1, past end-of-text)."""
-    out = []
-    for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
-        out.append(token)
-        if len(out) == new_tokens:
-            return out
-    return out
-
-
-def contenders(ckpt_path: str, threads: int):
-    """Ours in fp32, int8 and int4 (GGUF blocks as they are where the checkpoint kept them), transformers' fp32
-    LlamaForCausalLM from our to-hf export, and llama.cpp on the checkpoint's own GGUF (None if missing)."""
+def transformers_model(ckpt_path: str):
+    """transformers' LlamaForCausalLM on the same weights, through our to-hf export (as a user would run it)."""
     from transformers import AutoModelForCausalLM
 
-    ckpt = load_checkpoint(ckpt_path, mmap=True)
-    ours = {fmt: load_model(ckpt_path, "cpu", "fp32", q)[0] for fmt, q in FORMATS.items()}
-    _, tok = config_and_tokenizer(ckpt)
-    with tempfile.TemporaryDirectory() as tmp:  # our to-hf export, as a user would run it
-        subprocess.run([sys.executable, "convert.py", "to-hf", ckpt_path, "--out", tmp], check=True,
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "convert.py", "to-hf", ckpt_path, "--out", tmp], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL)
-        ref = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-    return ours, tok, ref, llama_cpp(ckpt.get("source"), threads)
+        return AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
 
 
 def row_differences(a: list[list[int]], b: list[list[int]]) -> list[int | None]:

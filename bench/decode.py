@@ -1,61 +1,119 @@
-"""Greedy decode of 16-token prompts: ours in fp32/int8/int4, plain and compiled, against transformers and llama.cpp."""
+"""One user and fixed batches, greedy, 16-token prompts: ours against transformers and llama.cpp's own tools.
+
+Three kinds of row:
+  cli     what a user gets from one `inference.py` run with no flags (a second process on the machine, so the
+          kernels are built), 16-token prompt + 128 new tokens: its time from the first prompt token to the last
+          new token, plus the step's set-up and the kernels' loading; llama.cpp: llama-bench's pp16 + tg128 time.
+          The same with --step compiled, whose first-ever compile and warm start are reported apart.
+  decode  generated tokens/s at a fixed batch, in this process, each contender timed in turns: ours with the
+          checkpoint's own weights (the GGUF's int4 blocks) through the fused, eager and compiled steps, ours
+          in fp32 and re-quantized int8, transformers fp32; llama.cpp: tg128 (batch 1) or
+          llama-batched-bench (more sequences).
+"""
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import torch
 
-from bench.common import PROMPT_TEXT, contenders, first_difference, llama_greedy, named_bars, timed_interleaved
+from bench import llama
+from bench.common import PROMPT, ROOT, first_difference, named_bars, timed_interleaved, transformers_model
+from checkpoint import config_and_tokenizer, load_checkpoint, load_model
 from engine import generate
 
 
-def bench_decode(ckpt_path: str, batches: list[int], new_tokens: int, threads: int) -> list[dict]:
-    """Greedy decode of 16-token prompts: ours in fp32/int8/int4, plain and compiled, transformers and llama.cpp
-    (batch 1: llama-cpp-python decodes one sequence), timed in turns. Tokens per second count prefill too."""
-    ours, tok, ref, llm = contenders(ckpt_path, threads)
-    prompt = tok.encode(PROMPT_TEXT)[:16]
+def run(args) -> list[dict]:
+    _, tok = config_and_tokenizer(load_checkpoint(args.checkpoint, mmap=True))
+    prompt = tok.encode(PROMPT)
+    print(f"decode: the prompt is {len(prompt)} tokens")
+    return [*cli_rows(args, prompt), *decode_rows(args, prompt)]
+
+
+def cli_rows(args, prompt: list[int]) -> list[dict]:
     rows = []
-    for batch in batches:
-        prompts, ids, outputs = [prompt] * batch, torch.tensor([prompt] * batch), {}
-
-        def run_ours(model, compile, name):
-            outputs[name] = generate(model, prompts, new_tokens, compile=compile)[0]
-
-        def run_ref():
-            with torch.inference_mode():
-                ref.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_id)
-        fns = {f"ours {fmt}{' compiled' * c}": (lambda m=m, c=c, n=f"{fmt}{c}": run_ours(m, c, n))
-               for fmt, m in ours.items() for c in (False, True)}
-        fns["transformers fp32"] = run_ref
-        if llm is not None and batch == 1:
-            fns["llama.cpp Q4_1"] = lambda: outputs.__setitem__("llama.cpp", [llama_greedy(llm, prompt, new_tokens)])
-        seconds, warmups = timed_interleaved(fns, 2 if batch >= 32 else 3)
-        row = {"batch": batch, "new_tokens": new_tokens, "first_call_s": warmups,
-               "tok_s": {k: batch * new_tokens / v for k, v in seconds.items()},
-               "llama.cpp": "not installed" if llm is None else
-               "measured" if batch == 1 else "no batched decode in llama-cpp-python",
-               "compiled_first_difference": {fmt: first_difference(outputs[f"{fmt}True"], outputs[f"{fmt}False"])
-                                             for fmt in ours}}
-        if "llama.cpp" in outputs:
-            row["int4_vs_llama_cpp_first_difference"] = first_difference(outputs["int4True"], outputs["llama.cpp"])
-        best = max((k for k in row["tok_s"] if k.startswith("ours")), key=row["tok_s"].get)
-        row["best_ours"] = best
-        row["best_vs_transformers"] = row["tok_s"][best] / row["tok_s"]["transformers fp32"]
-        if "llama.cpp Q4_1" in row["tok_s"]:
-            row["best_vs_llama_cpp"] = row["tok_s"][best] / row["tok_s"]["llama.cpp Q4_1"]
+    gguf, why = llama.gguf_of(args.checkpoint), llama.missing(args.checkpoint, "llama-bench")
+    peer = llama.llama_bench(gguf, args.threads, len(prompt), args.new_tokens) if why is None else None
+    llama_s = len(prompt) / peer[f"pp{len(prompt)}"] + args.new_tokens / peer[f"tg{args.new_tokens}"] if peer else None
+    for step in ("auto", "compiled"):
+        runs = [cli_run(args, step) for _ in range(2)]  # the first builds or compiles what the second reuses
+        first, second = runs
+        ours_s = second["wall_s"] + second["setup_s"]
+        row = {"kind": "cli", "step": second["step"], "weights": second["weights"], "new_tokens": args.new_tokens,
+               "prompt_tokens": len(prompt), "generation_s": second["wall_s"], "setup_s": second["setup_s"],
+               "load_s": second["load_s"], "process_s": second["process_s"], "ours_s": ours_s,
+               "first_run": {k: first.get(k) for k in ("wall_s", "setup_s", "compile_s", "process_s")},
+               "second_run_compile_s": second.get("compile_s"), "llama.cpp": why or peer, "llama_cpp_s": llama_s,
+               "vs_llama_cpp": llama_s / ours_s if llama_s else None}
         rows.append(row)
-        print(f"decode batch {batch}: " + "  ".join(f"{k} {v:.1f}" for k, v in row["tok_s"].items()) +
-              f"  | best {best}: x{row['best_vs_transformers']:.2f} transformers" +
-              (f", x{row['best_vs_llama_cpp']:.2f} llama.cpp" if "best_vs_llama_cpp" in row else ""))
+        print(f"cli {row['step']:8}: {ours_s:.2f} s (generation {row['generation_s']:.2f} + set-up "
+              f"{row['setup_s']:.2f}), first run {first['process_s']:.1f} s in all, llama.cpp "
+              + (f"{llama_s:.2f} s: x{row['vs_llama_cpp']:.2f}" if llama_s else why))
     return rows
 
 
-def run(args) -> list[dict]:
-    return bench_decode(args.checkpoint, args.batches, args.new_tokens, args.threads)
+def cli_run(args, step: str) -> dict:
+    """One `inference.py` process, as a user types it (plus --step, --ignore-eos and the stats file)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = Path(tmp) / "stats.json"
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "inference.py", "--checkpoint", args.checkpoint, "--prompt", PROMPT,
+                        "--max-new-tokens", str(args.new_tokens), "--temperature", "0", "--ignore-eos", "--step", step,
+                        "--stats-json", str(stats)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        return json.loads(stats.read_text()) | {"process_s": time.perf_counter() - t0}
 
 
-def plot(rows: list[dict], ax_grid):
-    fig, axes = ax_grid(1, len(rows), figsize=(6 * len(rows), 4.5), squeeze=False)
-    for ax, row in zip(axes[0], rows):
-        named_bars(ax, row["tok_s"], "generated tokens/s")
-        ax.set_title(f"SmolLM2-135M, greedy, batch {row['batch']}, {row['new_tokens']} new tokens")
+def decode_rows(args, prompt: list[int]) -> list[dict]:
+    """Each contender through `generate()` at each batch, taking turns (a drift in the machine's speed hits
+    all alike); llama.cpp's own tools run after, on the same machine, alone."""
+    models = {"auto": load_model(args.checkpoint)[0], "fp32": load_model(args.checkpoint, quantize="none")[0],
+              "int8": load_model(args.checkpoint, quantize="int8")[0]}
+    ref = transformers_model(args.checkpoint)
+    gguf, why = llama.gguf_of(args.checkpoint), llama.missing(args.checkpoint, "llama-batched-bench")
+    rows = []
+    for batch in args.batches:
+        prompts, outputs = [prompt] * batch, {}
+
+        def ours(name, model, step):
+            outputs[name] = generate(model, prompts, args.new_tokens, step=step)[0]
+
+        def transformers():
+            with torch.inference_mode():
+                ref.generate(torch.tensor(prompts), max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                             do_sample=False, pad_token_id=0)
+        fns = {f"ours {name} {step}": (lambda n=name, m=models[name], s=step: ours(f"{n} {s}", m, s))
+               for name, step in (("auto", "fused"), ("auto", "eager"), ("auto", "compiled"), ("fp32", "fused"),
+                                  ("int8", "fused"))}
+        fns["transformers fp32"] = transformers
+        seconds, first_call = timed_interleaved(fns, 2 if batch >= 32 else 3)
+        tok_s = {k: batch * args.new_tokens / v for k, v in seconds.items()}
+        if why is None:
+            peer = llama.batched_bench(gguf, args.threads, len(prompt), args.new_tokens, [batch])[0]
+            tok_s["llama.cpp Q4_1"] = batch * args.new_tokens / peer["t"]  # new tokens over prompt + generation
+        row = {"kind": "decode", "batch": batch, "new_tokens": args.new_tokens, "tok_s": tok_s,
+               "first_call_s": first_call, "llama.cpp": why or "llama-batched-bench",
+               "same_tokens_as_fused": {k: first_difference(outputs[k], outputs["auto fused"]) for k in outputs}}
+        if "llama.cpp Q4_1" in tok_s:
+            row["fused_vs_llama_cpp"] = tok_s["ours auto fused"] / tok_s["llama.cpp Q4_1"]
+        rows.append(row)
+        print(f"decode batch {batch}: " + "  ".join(f"{k} {v:.1f}" for k, v in tok_s.items()))
+    return rows
+
+
+def plot(rows: list[dict], subplots):
+    decode = [r for r in rows if r["kind"] == "decode"]
+    cli = [r for r in rows if r["kind"] == "cli"]
+    fig, axes = subplots(1, len(decode) + 1, figsize=(6 * (len(decode) + 1), 4.5), squeeze=False)
+    times = {f"ours, --step {r['step']}": r["ours_s"] for r in cli}
+    if cli and cli[0]["llama_cpp_s"]:
+        times["llama.cpp (llama-bench pp16 + tg128)"] = cli[0]["llama_cpp_s"]
+    named_bars(axes[0][0], times, "seconds (lower is better)")
+    axes[0][0].set_title("One CLI run: 16-token prompt + 128 new tokens")
+    for ax, row in zip(axes[0][1:], decode):
+        named_bars(ax, row["tok_s"], "tokens/s")
+        ax.set_title(f"batch {row['batch']}, greedy, {row['new_tokens']} new tokens")
     return fig

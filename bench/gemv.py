@@ -6,12 +6,12 @@ import torch
 from bench.common import named_bars, timed_interleaved
 from checkpoint import load_checkpoint
 from config import ModelConfig
-from layers import quant_ops, quantize_q4, quantize_q8
+from layers import kernel_isas, quantize_q4, quantize_q8
 
 
 def bench_gemv(ckpt_path: str) -> list[dict]:
     """The matmuls of one decode token at batch 1 (all layers and the head, SmolLM2's shapes), one kernel
-    after another: fp32, our int4/int8 kernels (AVX2 and the plain fallback) and aten's weight-only kernels
+    after another: fp32, our int4/int8 kernels (each instruction set this CPU has) and aten's weight-only kernels
     (int8: _weight_int8pack_mm; int4 group 32: _weight_int4pack_mm_for_cpu), with bf16 or fp32 activations."""
     cfg = ModelConfig(**load_checkpoint(ckpt_path, mmap=True)["config"])
     d, h = cfg.d_model, cfg.n_kv_head * cfg.head_dim
@@ -21,7 +21,6 @@ def bench_gemv(ckpt_path: str) -> list[dict]:
     weights = {s: torch.randn(*s, generator=g) / s[1] ** 0.5 for s in set(shapes) | {head}}
     x = {k: torch.randn(1, k, generator=g) for k in (d, cfg.ffn_hidden)}
     q4, q8 = ({s: make(w) for s, w in weights.items()} for make in (quantize_q4, quantize_q8))
-    ops = quant_ops()
 
     def int4pack(w):  # aten's int4 layout: scales and zero points per group of 32 (w = (q - 8) * s + z)
         groups = w.view(w.size(0), -1, 32)
@@ -32,12 +31,12 @@ def bench_gemv(ckpt_path: str) -> list[dict]:
     packed4 = {s: int4pack(w) for s, w in weights.items() if s != head}
     every = shapes + [head]
     fns = {"fp32": [lambda s=s: torch.nn.functional.linear(x[s[1]], weights[s]) for s in every]}
-    for simd in ("", "_plain"):
-        fns[f"ours int4{simd or ' AVX2'}"] = [lambda s=s, simd=simd: getattr(ops, f"q4_linear{simd}")(
-            x[s[1]], q4[s].qs, q4[s].d, q4[s].m) for s in shapes] + \
-            [lambda simd=simd: getattr(ops, f"q8_linear{simd}")(x[d], q8[head].q, q8[head].s)]
-        fns[f"ours int8{simd or ' AVX2'}"] = [lambda s=s, simd=simd: getattr(ops, f"q8_linear{simd}")(
-            x[s[1]], q8[s].q, q8[s].s) for s in every]
+    for isa in kernel_isas():
+        fns[f"ours int4 {isa}"] = [lambda s=s, isa=isa: torch.ops.slm.q4_linear(
+            x[s[1]], q4[s].qs, q4[s].d, q4[s].m, isa) for s in shapes] + \
+            [lambda isa=isa: torch.ops.slm.q8_linear(x[d], q8[head].q, q8[head].s, isa)]
+        fns[f"ours int8 {isa}"] = [lambda s=s, isa=isa: torch.ops.slm.q8_linear(
+            x[s[1]], q8[s].q, q8[s].s, isa) for s in every]
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         fns[f"aten int8pack, {name} x"] = [lambda s=s, t=dtype: torch.ops.aten._weight_int8pack_mm(
             x[s[1]].to(t), q8[s].q, q8[s].s.view(-1).to(t)) for s in every]

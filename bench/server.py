@@ -1,13 +1,13 @@
 """Load on OpenAI-compatible servers over loopback: ours (serve.py) against llama.cpp's, streamed chat."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench import llama
 from bench.common import CHAT_PROMPTS, percentile, start_server
 from checkpoint import config_and_tokenizer, load_checkpoint
 
@@ -48,9 +48,9 @@ async def load_test(url: str, bodies: list[dict], clients: int) -> dict:
 def bench_serve(ckpt_path: str, threads: int, levels: list[int], requests: int = 64, max_tokens: int = 128,
                 rows: int = 32) -> list[dict]:
     """Load on an OpenAI-compatible server over loopback: `requests` chat prompts (every 4th of prompts/chat.txt:
-    questions, lists and stories), greedy, streamed, at 1/8/32/64 concurrent clients. Ours (serve.py, int4,
-    32 rows) and llama.cpp's server (python -m llama_cpp.server, the same GGUF and threads) in the same run.
-    Tokens are counted by re-encoding each answer with the model's tokenizer, the same for both."""
+    questions, lists and stories), greedy, streamed, at 1/8/32/64 concurrent clients. Ours (serve.py with no
+    flags, 32 rows) and llama-server (-np 32, the same GGUF and threads) in the same run. Tokens are counted by
+    re-encoding each answer with the model's tokenizer, the same for both."""
     import asyncio
 
     import httpx
@@ -60,16 +60,14 @@ def bench_serve(ckpt_path: str, threads: int, levels: list[int], requests: int =
     texts = CHAT_PROMPTS.read_text().splitlines()[::4][:requests]
     bodies = [{"messages": [{"role": "user", "content": t}], "max_tokens": max_tokens,
                "temperature": 0, "stream": True} for t in texts]
-    servers = {"ours (serve.py, int4)": [sys.executable, "serve.py", "--checkpoint", ckpt_path,
-                                         "--port", "8931", "--quantize", "int4", "--batch-size", str(rows)]}
-    gguf = ckpt.get("source")
-    if gguf and Path(gguf).is_file() and all(map(importlib.util.find_spec, ("llama_cpp", "sse_starlette"))):
-        servers["llama.cpp (llama_cpp.server)"] = [
-            sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", "8932",
-            "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "2048",
-            "--interrupt_requests", "False"]  # its default drops a running stream when the next request comes
+    servers = {"ours (serve.py)": [sys.executable, "serve.py", "--checkpoint", ckpt_path, "--port", "8931",
+                                   "--batch-size", str(rows)]}
+    why = llama.missing(ckpt_path, "llama-server")
+    if why is None:
+        servers[f"llama-server -np {rows}"] = llama.server_command(llama.gguf_of(ckpt_path), threads, 8932, rows,
+                                                                     rows * 512)
     else:
-        print("serve: llama.cpp's server is not installed (make bench-install); ours alone")
+        print(f"serve: llama-server {why}; ours alone")
     out = []
     for name, command in servers.items():
         port = command[command.index("--port") + 1]
