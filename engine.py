@@ -38,8 +38,9 @@ class Engine:
         self.eos_id = tokenizer.eos_id if eos_id is None and tokenizer is not None else eos_id
         # prefill_s: passes with prompt chunks only; decode_s: passes that made tokens (chunks may ride along);
         # compile_s: torch.compile's time in them, left out of both
+        # drafted / accepted: speculative draft tokens verified, and those kept
         self.stats = {"prefill_tokens": 0, "prefill_s": 0.0, "new_tokens": 0, "decode_s": 0.0, "steps": 0,
-                      "decode_steps": 0, "decoded_row_steps": 0, "compile_s": 0.0}
+                      "decode_steps": 0, "decoded_row_steps": 0, "compile_s": 0.0, "drafted": 0, "accepted": 0}
 
     # --- the public surface ------------------------------------------------------------------------
     def add(self, request: Request) -> Request:
@@ -77,21 +78,29 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch is not None:
             t0, compiling = time.perf_counter(), self.runner.compile_seconds
-            decode_logits, prefill_logits = self.runner.forward(batch, self.scheduler.running)
+            logits = self.runner.forward(batch, self.scheduler.running)
             done = self.scheduler.advance(batch)
-            prompted = [self.scheduler.running[batch.chunks[b][0]] for b in done]
-            first = self.runner.sample(prompted, prefill_logits[done]) if done else []
-            live = [self.scheduler.running[row] for row in batch.sampled]
-            nexts = self.runner.sample(live, decode_logits) if live else []
+            running = self.scheduler.running
+            prompted = [running[batch.chunks[b][0]] for b in done]
+            first = self.runner.sample(prompted, logits.chunks[done]) if done else []
+            live = [running[row] for row in batch.sampled]
+            taken = [[t] for t in self.runner.sample(live, logits.decode)] if live else []
+            verified = [running[row] for row, _, _ in batch.verify]
+            for seq, (_, _, tokens), verify_logits in zip(verified, batch.verify, logits.verify):
+                taken.append(self.runner.accept(seq, tokens[1:], verify_logits))
+                self.stats["drafted"] += len(tokens) - 1
+                self.stats["accepted"] += len(taken[-1]) - 1
             compiled = self.runner.compile_seconds - compiling
             self.stats["compile_s"] += compiled
-            self.stats["decode_s" if live else "prefill_s"] += time.perf_counter() - t0 - compiled
+            self.stats["decode_s" if live or verified else "prefill_s"] += time.perf_counter() - t0 - compiled
             self.stats["prefill_tokens"] += sum(len(c) for _, _, c in batch.chunks)
-            if live:
+            if live or verified:
                 self.stats["decode_steps"] += 1
-                self.stats["decoded_row_steps"] += len(live)
-            for seq, token in [*zip(live, nexts), *zip(prompted, first)]:
-                self._take(seq, token, finished)
+                self.stats["decoded_row_steps"] += len(live) + len(verified)
+            for seq, tokens in [*zip(live + verified, taken), *zip(prompted, ([t] for t in first))]:
+                for token in tokens:  # a draft's tokens, in order, until one retires the row
+                    if seq.request.finish_reason is None:
+                        self._take(seq, token, finished)
         self.stats["steps"] += 1
         return finished
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 import types
 import weakref
+from dataclasses import dataclass
 
 import torch
 
@@ -41,6 +42,34 @@ def allocate_kv_cache(model: GPT, rows: int, slots: int) -> list[tuple[torch.Ten
     return cache
 
 
+@dataclass
+class Logits:
+    """One pass's logits, by what asked for them."""
+    decode: torch.Tensor | None  # (len(batch.sampled), vocab)
+    chunks: torch.Tensor | None  # (len(batch.chunks), vocab): after each chunk's last token
+    verify: list[torch.Tensor]   # per row of batch.verify: (1 + its draft, vocab), at every one of its tokens
+
+    @classmethod
+    def split(cls, logits: torch.Tensor, batch: Batch) -> Logits:
+        """From logits at: the sampled rows, then each chunk's last token, then every token being verified."""
+        sizes = [len(batch.sampled), len(batch.chunks)] + [len(tokens) for _, _, tokens in batch.verify]
+        decode, chunks, *verify = logits.split(sizes)
+        return cls(decode if batch.sampled else None, chunks if batch.chunks else None, verify)
+
+
+def logits_at(batch: Batch, offset: int) -> list[int]:
+    """Where the wanted logits are among a pass's tokens that hold the chunks and then the drafts being verified,
+    from `offset` on: the last token of each chunk, every token of each draft."""
+    at, out = offset, []
+    for _, _, tokens in batch.chunks:
+        at += len(tokens)
+        out.append(at - 1)
+    for _, _, tokens in batch.verify:
+        out.extend(range(at, at + len(tokens)))
+        at += len(tokens)
+    return out
+
+
 class ModelRunner:
     def __init__(self, model: GPT, rows: int, max_len: int, step: str = "auto", use_cache: bool = True):
         """step: fused, eager or compiled (auto: fused where it runs, else eager). use_cache=False recomputes
@@ -63,14 +92,32 @@ class ModelRunner:
     def compile_seconds(self) -> float:
         return self.decode_step.seconds if self.compiled else 0.0
 
-    def forward(self, batch: Batch, running: list[Sequence | None]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The logits of the batch's sampled rows (len(batch.sampled), vocab) and after each prompt chunk
-        (len(batch.chunks), vocab); None for a part the batch does not have."""
+    def forward(self, batch: Batch, running: list[Sequence | None]) -> Logits:
+        """The logits of the batch's sampled rows, after each prompt chunk's last token, and at every token of
+        each row's draft being verified."""
         if self.step == "recompute":
             return self.forward_without_cache(batch, running)
+        pieces = batch.chunks + batch.verify  # both go in as runs of tokens into a row at an offset
         if self.step == "fused":
-            return self.forward_fused(batch)
-        chunks = prefill_part(batch.chunks, self.device) if batch.chunks else None
+            decode = [batch.decode[row] for row in batch.sampled]
+            ids = [token for token, _ in decode] + [t for _, _, tokens in pieces for t in tokens]
+            rows = batch.sampled + [row for row, _, tokens in pieces for _ in tokens]
+            positions = [slot for _, slot in decode] + [start + j for _, start, tokens in pieces
+                                                        for j in range(len(tokens))]
+            # From dense_min_rows tokens, quantized layers run a GEMM on their dequantized weights, counting the
+            # tokens of decode and prompts only: a draft is verified on the path its row's decode token takes,
+            # so speculation leaves the tokens as they are.
+            gemm_rows, plain = 1 << 62, len(decode) + sum(len(tokens) for _, _, tokens in batch.chunks)
+            if self.quantized and plain > 1 and plain >= dense_min_rows():
+                gemm_rows = dense_min_rows()
+                if not self.fused.has_dense():  # made when first needed: 4 bytes a weight
+                    self.fused = fused_model(self.model, dense=True)
+            at = list(range(len(decode))) + logits_at(batch, len(decode))
+            logits = self.fused.forward(*(torch.tensor(v) for v in (ids, rows, positions, at)),
+                                        [k for k, _ in self.kv_cache], [v for _, v in self.kv_cache],
+                                        quant_kernel(), gemm_rows)
+            return Logits.split(logits, batch)
+        chunks = prefill_part(pieces, self.device) if pieces else None
         span = self.rows if self.compiled else batch.span
         slots = self.max_len if self.compiled else min(self.max_len, -(-batch.length // KV_WINDOW) * KV_WINDOW)
         kv = self.kv_cache if (span, slots) == (self.rows, self.max_len) else \
@@ -82,49 +129,29 @@ class ModelRunner:
             decode = (tokens, positions)
         sampled = torch.tensor(batch.sampled, device=self.device)
         if self.compiled or chunks is None:  # the decode step alone, after the prompt chunks
-            prefill_logits = self.model.step(chunks[0], chunks[1], chunks[2], kv, chunks[3]) if chunks else None
+            at = torch.tensor(logits_at(batch, 0), device=self.device)
+            chunk_logits = self.model.step(*chunks[:3], kv, at) if chunks else None
             decode_logits = self.decode_step(*decode, kv)[sampled] if decode else None
-            return decode_logits, prefill_logits
-        ids, positions, parts, ends = chunks
+            return Logits.split(torch.cat([t for t in (decode_logits, chunk_logits) if t is not None]), batch)
+        ids, positions, parts, _ = chunks
+        at = torch.tensor(logits_at(batch, span if decode else 0), device=self.device)
         if decode:
             ids, positions = torch.cat([decode[0], ids]), torch.cat([decode[1], positions])
             parts = [Decode.at(decode[1], slots), *parts]
-            ends = torch.cat([sampled, span + ends])
-        logits = self.model.step(ids, positions, parts, kv, ends)
-        return (logits[:len(batch.sampled)] if decode else None), logits[-len(batch.chunks):]
+            at = torch.cat([sampled, at])
+        return Logits.split(self.model.step(ids, positions, parts, kv, at), batch)
 
-    def forward_fused(self, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The pass through step.cpp: only real tokens (no filler rows), each attending over its own row."""
-        decode = [batch.decode[row] for row in batch.sampled]
-        ids = [token for token, _ in decode] + [t for _, _, chunk in batch.chunks for t in chunk]
-        rows = batch.sampled + [row for row, _, chunk in batch.chunks for _ in chunk]
-        positions = [slot for _, slot in decode] + [start + j for _, start, chunk in batch.chunks
-                                                    for j in range(len(chunk))]
-        ends, at = list(range(len(decode))), len(decode)
-        for _, _, chunk in batch.chunks:
-            at += len(chunk)
-            ends.append(at - 1)
-        gemm_rows = 1 << 62  # the rows from which quantized layers run a GEMM on their dequantized weights
-        if self.quantized and len(ids) > 1 and len(ids) >= dense_min_rows():
-            gemm_rows = dense_min_rows()
-            if not self.fused.has_dense():  # made when first needed: 4 bytes a weight
-                self.fused = fused_model(self.model, dense=True)
-        logits = self.fused.forward(*(torch.tensor(v) for v in (ids, rows, positions, ends)),
-                                    [k for k, _ in self.kv_cache], [v for _, v in self.kv_cache], quant_kernel(),
-                                    gemm_rows)
-        return (logits[:len(decode)] if decode else None), (logits[len(decode):] if batch.chunks else None)
-
-    def forward_without_cache(self, batch: Batch, running: list[Sequence | None]):
+    def forward_without_cache(self, batch: Batch, running: list[Sequence | None]) -> Logits:
         """Next-token logits of whole sequences, recomputed from scratch (right padding is causal-safe)."""
         def logits_of(sequences: list[list[int]]) -> torch.Tensor:
             width = max(len(s) for s in sequences)
             idx = torch.tensor([s + [0] * (width - len(s)) for s in sequences], device=self.device)
             logits, _ = self.model(idx)
             return logits[torch.arange(len(sequences)), torch.tensor([len(s) - 1 for s in sequences])]
-        prefill = logits_of([running[row].request.prompt for row, _, _ in batch.chunks]) if batch.chunks else None
+        chunks = logits_of([running[row].request.prompt for row, _, _ in batch.chunks]) if batch.chunks else None
         decode = logits_of([running[row].request.prompt + running[row].request.tokens for row in batch.sampled]) \
             if batch.sampled else None
-        return decode, prefill
+        return Logits(decode, chunks, [])
 
     def sample(self, sequences: list[Sequence], logits: torch.Tensor) -> list[int]:
         """Next token of each sequence (logits (n, vocab)): the greedy ones from one argmax, the others each with
@@ -136,10 +163,33 @@ class ModelRunner:
             if r.temperature == 0:
                 tokens.append(greedy[b])
                 continue
-            if seq.generator is None and r.seed is not None:
-                seq.generator = torch.Generator(self.device).manual_seed(r.seed)
-            tokens.append(int(sample_next(logits[b:b + 1], r.temperature, r.top_k, r.top_p, seq.generator)[0]))
+            tokens.append(int(torch.multinomial(probabilities(logits[b:b + 1], r), 1, generator=self.generator(seq))))
         return tokens
+
+    def accept(self, seq: Sequence, draft: list[int], logits: torch.Tensor) -> list[int]:
+        """The tokens a sequence takes from a verified draft (logits (1 + len(draft), vocab) at its waiting token
+        and each draft token): the draft's longest prefix that the model would have made, then the model's own
+        next token. Greedy: the drafts that equal the argmax. Sampled: draft token t is kept with probability
+        p(t), else the next token is drawn from p without t (renormalised), which is exactly sampling from p
+        (the draft is one token with probability 1), so speculation never changes what a request gets."""
+        r = seq.request
+        if r.temperature == 0:
+            best = logits.argmax(dim=-1).tolist()
+            kept = next((i for i, (d, b) in enumerate(zip(draft, best)) if d != b), len(draft))
+            return draft[:kept] + [best[kept]]
+        probs, generator = probabilities(logits, r), self.generator(seq)
+        for i, token in enumerate(draft):
+            if torch.rand((), generator=generator, device=self.device) >= probs[i, token]:
+                rest = probs[i].clone()
+                rest[token] = 0
+                return draft[:i] + [int(torch.multinomial(rest, 1, generator=generator))]
+        return draft + [int(torch.multinomial(probs[len(draft)], 1, generator=generator))]
+
+    def generator(self, seq: Sequence) -> torch.Generator | None:
+        """The sequence's own random generator (None: torch's global one), made at its first sampled token."""
+        if seq.generator is None and seq.request.seed is not None:
+            seq.generator = torch.Generator(self.device).manual_seed(seq.request.seed)
+        return seq.generator
 
 
 def fused_runs(model: GPT) -> bool:
@@ -202,12 +252,24 @@ def prefill_part(chunks: list[tuple[int, int, list[int]]], device: torch.device)
     return ids, slots, [part], lengths.cumsum(0) - 1
 
 
+def probabilities(logits: torch.Tensor, request) -> torch.Tensor:
+    """logits (B, V) -> the distribution (B, V) a request samples from: its temperature, top-k and top-p."""
+    return filtered(logits, request.temperature, request.top_k, request.top_p).softmax(dim=-1)
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> next ids (B,). temperature 0 is greedy; top-p keeps the smallest set of most
     likely tokens whose probability mass reaches p."""
     if temperature == 0:
         return logits.argmax(dim=-1)
+    probs = filtered(logits, temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def filtered(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float) -> torch.Tensor:
+    """Logits scaled by the temperature, -inf outside the top-k and outside the smallest set of most likely
+    tokens whose probability mass reaches top_p."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -218,8 +280,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
         mass_before = probs.cumsum(dim=-1) - probs  # drop a token once the ones before it reach p
         sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits
 
 
 # --- the compiled decode step -------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ Every step it
      free), so that an eager step spans as few rows as possible;
   2. cuts the next chunk of each prompt still going in: at most prefill_tokens tokens per step in all, so that a
      long prompt never stalls the rows that are generating;
-  3. lists the token waiting in every running row, for the decode part of the same pass.
+  3. lists the token waiting in every running row, for the decode part of the same pass; a row that speculates
+     instead sends its token with a draft of the tokens that may follow (n-gram lookup in its own prompt and
+     text, no draft model), for the runner to verify in the same pass.
 runner.py turns the resulting Batch into tensors; engine.py retires the rows that finish.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ class Request:
     seed: int | None = None                # its own generator; None draws from torch's global one
     stop: tuple[str, ...] = ()             # stop strings (need the engine's tokenizer); not part of the text
     ignore_eos: bool = False
+    speculate: int = 0                     # draft tokens per step from n-gram lookup (0: none); same output
     on_text: Callable[[str], None] | None = None  # streamed text pieces, whole characters, stop strings held back
     on_done: Callable[[Request], None] | None = None  # called by EngineThread when it finishes
     id: object = None                      # the caller's own handle
@@ -89,6 +92,7 @@ class Batch:
     sampled: list[int]             # the rows of `decode` whose token is real: their logits give the next token
     span: int                      # cache rows in use: 1 + the highest running row
     length: int                    # cache slots in use after this step: the longest row
+    verify: list[tuple[int, int, list[int]]] = field(default_factory=list)  # (row, slot, [token, *draft])
 
 
 class Scheduler:
@@ -156,23 +160,26 @@ class Scheduler:
                 take = left if self.whole_prompts else min(left, max(budget, 1))
                 chunks.append((seq.row, seq.filled, seq.request.prompt[seq.filled:seq.filled + take]))
                 budget -= take
-        sampled = [seq.row for seq in self.running if seq is not None and seq.next_token is not None]
-        if not chunks and not sampled:
+        live = [seq for seq in self.running if seq is not None and seq.next_token is not None]
+        drafts = {seq.row: draft(seq, self.max_len) for seq in live if seq.request.speculate}
+        verify = [(seq.row, seq.position, [seq.next_token, *drafts[seq.row]]) for seq in live if drafts.get(seq.row)]
+        sampled = [seq.row for seq in live if not drafts.get(seq.row)]
+        if not chunks and not live:
             return None
         ahead = {row: len(c) for row, _, c in chunks}
         span = 1 + max(seq.row for seq in self.running if seq is not None)
         decode = []
-        if sampled:
+        if sampled:  # a verified row's slot here is written again by its draft's pass, before it is read
             for seq in self.running[:span]:
                 if seq is None:
                     decode.append((0, 0))
                 elif seq.next_token is None:
                     decode.append((0, seq.filled + ahead.get(seq.row, 0)))
                 else:
-                    decode.append((seq.next_token, seq.position))
+                    decode.append((0 if drafts.get(seq.row) else seq.next_token, seq.position))
         length = max([seq.filled + ahead.get(seq.row, 0) for seq in self.running if seq is not None] +
-                     [seq.position + 1 for seq in self.running if seq is not None and seq.next_token is not None])
-        return Batch(chunks, decode, sampled, span, length)
+                     [seq.position + 1 + len(drafts.get(seq.row, ())) for seq in live])
+        return Batch(chunks, decode, sampled, span, length, verify)
 
     def advance(self, batch: Batch) -> list[int]:
         """Record the batch's chunks as in the cache. Returns the indices of the chunks that completed a prompt."""
@@ -186,3 +193,18 @@ class Scheduler:
 
     def free(self, seq: Sequence) -> None:
         self.running[seq.row] = None
+
+
+def draft(seq: Sequence, max_len: int, longest: int = 3) -> list[int]:
+    """Up to request.speculate tokens that may follow: those that followed the latest earlier occurrence of the
+    sequence's last n tokens (n from `longest` down to 1) in its prompt and text so far. No more than the tokens
+    it may still make, or the cache still holds."""
+    r = seq.request
+    tokens = r.prompt + r.tokens
+    room = min(r.speculate, r.max_new_tokens - len(r.tokens) - 1, max_len - len(tokens))
+    for n in range(min(longest, len(tokens) - 1), 0, -1) if room > 0 else ():
+        key = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start:start + n] == key:
+                return tokens[start + n:start + n + room]
+    return []

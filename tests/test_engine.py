@@ -96,11 +96,11 @@ def test_decode_step_logits_equal_full_forward_of_each_sequence(model, monkeypat
     steps, forward = [], engine.runner.forward
 
     def recording_forward(batch, running):
-        decode_logits, prefill_logits = forward(batch, running)
-        if decode_logits is not None:
+        logits = forward(batch, running)
+        if logits.decode is not None:
             live = {i: running[i].request.prompt + running[i].request.tokens for i in batch.sampled}
-            steps.append((live, dict(zip(batch.sampled, decode_logits.clone()))))
-        return decode_logits, prefill_logits
+            steps.append((live, dict(zip(batch.sampled, logits.decode.clone()))))
+        return logits
     monkeypatch.setattr(engine.runner, "forward", recording_forward)
     run(engine, ragged_requests(6))
     checked = 0
@@ -181,3 +181,29 @@ def test_generate_is_the_engine_for_a_list_of_prompts(model):
     rows, stats = generate(model, [r.prompt for r in requests], 12, batch_size=2)
     assert rows == [alone(model, Request(r.prompt, 12)) for r in requests]
     assert stats["new_tokens"] == 60 and stats["decode_steps"] >= 12 * 5 // 2
+
+
+def echoing_requests(n: int = 6, **settings) -> list[Request]:
+    """Prompts that repeat a phrase, so that n-gram drafts find matches, of different lengths."""
+    g = torch.Generator().manual_seed(2)
+    return [Request((torch.randint(2, 512, (3 + i,), generator=g).tolist() * 4)[:20], 10 + 3 * i, **settings)
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("step", ["eager", "fused"])
+def test_speculation_gives_the_same_greedy_tokens(step):
+    """n-gram drafts verified in the pass, beside rows that do not speculate and prompts still going in: every
+    request's greedy tokens equal plain greedy decoding's, and drafts were made and kept. A tied random model
+    often repeats its input token, so drafts from its own text are often right."""
+    torch.manual_seed(0)
+    tied = GPT(get_config("tiny", vocab_size=512, n_layer=2, d_model=64, n_head=4, n_kv_head=2, ffn_hidden=128,
+                          max_seq_len=128, init_std=0.2, tie_embeddings=True)).eval()
+    plain = [Request(r.prompt, 30) for r in echoing_requests()] + ragged_requests(4)
+    run(Engine(tied, rows=3, max_len=64, step="eager"), plain)
+    assert min_greedy_margin(tied, plain) > 1e-3
+    spec = [Request(r.prompt, r.max_new_tokens, speculate=4 if i % 3 else 0) for i, r in enumerate(plain)]
+    engine = Engine(tied, rows=3, max_len=64, step=step, prefill_tokens=8)
+    assert run(engine, spec) == [r.tokens for r in plain]
+    stats = engine.summary()
+    assert stats["accepted"] > 10 and stats["drafted"] > stats["accepted"]
+    assert stats["decode_steps"] < sum(r.max_new_tokens for r in plain)  # fewer passes than tokens
