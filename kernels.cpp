@@ -6,15 +6,13 @@
 //   q8: 8-bit weights, one scale per group of G (32 is llama.cpp's Q8_0, K is one per output channel):
 //       w = s * q, q [N, K] int8, s [N, K/G] float32.
 //
-// Each group's product is d * sum(x * q) + m * sum(x), so the result is the product with the dequantized
-// weights up to the order of summation. A GEMV reads each weight once, so its speed is how fast 0.6 (q4) or 1
-// (q8) byte per weight streams in: that is what beats fp32 at batch 1.
-//
-// The SIMD paths take the activations as 16-bit fixed point per group of 32, x = s * q16 (error at most 1.5e-5
-// of the group's largest |x|: llama.cpp rounds them to 8 bits), so that the weights and activations multiply
-// and add as integers and only each group's sum is converted to float:
-//   avx2     vpmaddwd + vpaddd, 256-bit          avxvnni  vpdpwssd, 256-bit (AVX-VNNI)
-//   avx512   vpdpwssd, 512-bit (AVX-512 VNNI)    plain    exact fp32 loops, any CPU
+// The default kernels are exact: a few outputs' weights at a time are dequantized into a tile that stays in L1,
+// then multiplied with fp32 activations by a register-blocked FMA micro-kernel (4 outputs x 4 rows). So the
+// result is the product with the dequantized weights in fp32, up to the order of summation, whatever the number
+// of rows: a row's numbers do not depend on the batch it is in. The weights stream in once per call at 0.6 (q4)
+// or 1 (q8) byte each, which is what beats fp32 weights at batch 1.
+//   avx512   16-lane FMAs       avx2   8-lane FMAs       plain   scalar loops, any CPU
+// kernels_int16.cpp has faster-at-one-row kernels that round activations to 16 bits (opt-in).
 // Each op takes the instruction set to run (isas() lists this CPU's, best first), so which code ran is the
 // caller's explicit choice, never a silent fallback.
 #include "kernels.h"
@@ -63,203 +61,193 @@ void q8_rows_plain(const float* x, int64_t M, int64_t K, const int8_t* q, const 
     }
 }
 
-// --- activations as 16-bit fixed point per group of 32 ----------------------------------------------------
-struct Activations {
-    std::vector<int16_t> q;      // [M, K]
-    std::vector<float> scale;    // [M, K / 32]
-    std::vector<float> sum;      // [M, K / 32]: each group's sum of x, in fp32
-};
-
-Activations to_fixed_point(const float* x, int64_t M, int64_t K) {
-    const int64_t G = K / 32;
-    Activations a{std::vector<int16_t>(M * K), std::vector<float>(M * G), std::vector<float>(M * G)};
-    for (int64_t i = 0; i < M * G; ++i) {
-        const float* xg = x + i * 32;
-        float top = 0.f, sum = 0.f;
-        for (int j = 0; j < 32; ++j) { top = std::max(top, std::fabs(xg[j])); sum += xg[j]; }
-        const float s = top > 0.f ? top / 32767.f : 1.f;
-        for (int j = 0; j < 32; ++j) a.q[i * 32 + j] = int16_t(std::lrintf(xg[j] / s));
-        a.scale[i] = s;
-        a.sum[i] = sum;
+// --- exact fp32 tiles -------------------------------------------------------------------------------------
+// One body per vector width: VEC (a register of LANES floats) and its load, FMA, sum and int8/uint8 widening.
+// dequant_NAME writes `count` outputs' weights (rows n.. of W) into tile[count][K]; micro_NAME<NB, RB> adds up
+// NB outputs for RB activation rows, each pair in its own accumulator, then sums the lanes once.
+#define SLM_TILES(NAME, TARGET, VEC, LANES, LOAD, STORE, FMA, MUL, SET1, ZERO, SUM, U8_TO_F32, I8_TO_F32)       \
+    TARGET void dequant_##NAME(const uint8_t* qs, const int8_t* q8, const float* d, const float* m,             \
+                               const float* s, int64_t groups, int64_t K, int64_t n, int count, float* tile) {  \
+        const int64_t G = K / 32;                                                                              \
+        for (int i = 0; i < count; ++i) {                                                                      \
+            float* out = tile + i * K;                                                                         \
+            if (qs != nullptr) {                                                                               \
+                const uint8_t* q = qs + (n + i) * K / 2;                                                       \
+                for (int64_t g = 0; g < G; ++g) {                                                              \
+                    const VEC dg = SET1(d[(n + i) * G + g]), mg = SET1(m[(n + i) * G + g]);                    \
+                    for (int j = 0; j < 16; j += LANES) {                                                      \
+                        STORE(out + g * 32 + j, FMA(U8_TO_F32(q + g * 16 + j, 15, 0), dg, mg));                \
+                        STORE(out + g * 32 + 16 + j, FMA(U8_TO_F32(q + g * 16 + j, 15, 4), dg, mg));           \
+                    }                                                                                          \
+                }                                                                                              \
+            } else {                                                                                           \
+                const int8_t* q = q8 + (n + i) * K;                                                            \
+                const int64_t group = K / groups;                                                              \
+                for (int64_t g = 0; g < groups; ++g) {                                                         \
+                    const VEC scale = SET1(s[(n + i) * groups + g]);                                           \
+                    for (int64_t j = g * group; j < (g + 1) * group; j += LANES)                               \
+                        STORE(out + j, MUL(I8_TO_F32(q + j), scale));                                          \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+    }                                                                                                          \
+    template <int NB, int RB>                                                                                  \
+    TARGET void micro_##NAME(const float* tile, const float* x, int64_t K, float* y, int64_t ldy, int64_t n) { \
+        VEC acc[NB][RB];                                                                                       \
+        for (int i = 0; i < NB; ++i)                                                                           \
+            for (int j = 0; j < RB; ++j) acc[i][j] = ZERO();                                                   \
+        for (int64_t k = 0; k < K; k += LANES) {                                                               \
+            VEC w[NB], xv[RB];                                                                                 \
+            for (int i = 0; i < NB; ++i) w[i] = LOAD(tile + i * K + k);                                        \
+            for (int j = 0; j < RB; ++j) xv[j] = LOAD(x + j * K + k);                                          \
+            for (int i = 0; i < NB; ++i)                                                                       \
+                for (int j = 0; j < RB; ++j) acc[i][j] = FMA(w[i], xv[j], acc[i][j]);                          \
+        }                                                                                                      \
+        for (int i = 0; i < NB; ++i)                                                                           \
+            for (int j = 0; j < RB; ++j) y[j * ldy + n + i] = SUM(acc[i][j]);                                  \
+    }                                                                                                          \
+    /* few rows (decode): four outputs' weights dequantized in registers and used at once, no tile between */  \
+    template <int RB>                                                                                          \
+    TARGET void direct_##NAME(const uint8_t* qs, const int8_t* q8, const float* d, const float* m,             \
+                              const float* s, int64_t groups, const float* x, int64_t K, float* y, int64_t ldy, \
+                              int64_t n0, int64_t n1) {                                                        \
+        const int64_t G = K / 32;                                                                              \
+        constexpr int HALF = 16 / LANES;  /* q4: the first HALF chunks of a group are low nibbles */            \
+        for (int64_t n = n0; n + 4 <= n1; n += 4) {                                                            \
+            VEC acc[4][RB];                                                                                    \
+            for (int i = 0; i < 4; ++i)                                                                        \
+                for (int j = 0; j < RB; ++j) acc[i][j] = ZERO();                                               \
+            for (int64_t g = 0; g < G; ++g)                                                                    \
+                for (int c = 0; c < 32 / LANES; ++c) {                                                         \
+                    VEC w[4], xv[RB];                                                                          \
+                    for (int i = 0; i < 4; ++i)                                                                \
+                        w[i] = qs != nullptr                                                                   \
+                            ? FMA(U8_TO_F32(qs + (n + i) * K / 2 + g * 16 + (c % HALF) * LANES, 15,           \
+                                            c < HALF ? 0 : 4), SET1(d[(n + i) * G + g]), SET1(m[(n + i) * G + g])) \
+                            : MUL(I8_TO_F32(q8 + (n + i) * K + g * 32 + c * LANES),                            \
+                                  SET1(groups == 1 ? s[n + i] : s[(n + i) * groups + g]));                     \
+                    for (int j = 0; j < RB; ++j) xv[j] = LOAD(x + j * K + g * 32 + c * LANES);                 \
+                    for (int i = 0; i < 4; ++i)                                                                \
+                        for (int j = 0; j < RB; ++j) acc[i][j] = FMA(w[i], xv[j], acc[i][j]);                  \
+                }                                                                                              \
+            for (int i = 0; i < 4; ++i)                                                                        \
+                for (int j = 0; j < RB; ++j) y[j * ldy + n + i] = SUM(acc[i][j]);                              \
+        }                                                                                                      \
+    }                                                                                                          \
+    /* outputs n0..n1 for all M rows: NB outputs dequantized at a time, then RB rows at a time */              \
+    TARGET void tiles_##NAME(const uint8_t* qs, const int8_t* q8, const float* d, const float* m,              \
+                             const float* s, int64_t groups, const float* x, int64_t M, int64_t K, float* y,   \
+                             int64_t ldy, int64_t n0, int64_t n1, float* tile) {                               \
+        constexpr int NB = 4, RB = 4;                                                                          \
+        for (int64_t n = n0; n < n1; n += NB) {                                                                \
+            const int count = int(std::min<int64_t>(NB, n1 - n));                                             \
+            dequant_##NAME(qs, q8, d, m, s, groups, K, n, count, tile);                                        \
+            int64_t r = 0;                                                                                     \
+            for (; count == NB && r + RB <= M; r += RB) micro_##NAME<NB, RB>(tile, x + r * K, K, y + r * ldy, ldy, n); \
+            if (count == NB && M - r == 3) micro_##NAME<NB, 3>(tile, x + r * K, K, y + r * ldy, ldy, n);      \
+            if (count == NB && M - r == 2) micro_##NAME<NB, 2>(tile, x + r * K, K, y + r * ldy, ldy, n);      \
+            if (count == NB && M - r == 1) micro_##NAME<NB, 1>(tile, x + r * K, K, y + r * ldy, ldy, n);      \
+            r = count == NB ? M : r;                                                                           \
+            for (int i = 0; i < count && r < M; ++i) /* the last outputs, fewer than NB */                     \
+                for (int64_t j = r; j < M; ++j) micro_##NAME<1, 1>(tile + i * K, x + j * K, K, y + j * ldy, ldy, n + i); \
+        }                                                                                                      \
     }
-    return a;
+
+#define SLM_512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#define SLM_256 __attribute__((target("avx2,fma,f16c")))
+
+// 16 lanes
+SLM_512 inline __m512 avx512_u8(const uint8_t* p, int mask, int shift) {  // 16 nibbles of bytes p[0..15]
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(b, shift), _mm512_set1_epi32(mask)));
 }
-
-// --- 256-bit: AVX2 and AVX-VNNI -----------------------------------------------------------------------------
-// One body for both; DOT is one group's integer dot: its 32 weights as int16 (w0: weights 0-15, w1: 16-31)
-// times the group's fixed-point activations xq (32-bit sums: 15 * 32767 * 2 per lane cannot overflow).
-// R activation rows (1 to 4, a compile-time count so the accumulators live in registers) share one unpacking of
-// each weight group.
-#define SLM_256_KERNELS(NAME, TARGET, DOT)                                                                      \
-    __attribute__((target(TARGET))) inline float hsum_##NAME(__m256 v) {                                       \
-        __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));                          \
-        s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                                                 \
-        return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));                                                \
-    }                                                                                                           \
-    __attribute__((target(TARGET))) inline __m256 dot_##NAME(__m256i w0, __m256i w1, const int16_t* xq) {       \
-        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));                            \
-        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16));                       \
-        return _mm256_cvtepi32_ps(DOT);                                                                         \
-    }                                                                                                           \
-    template <int R>                                                                                            \
-    __attribute__((target(TARGET))) void q4_block_##NAME(const Activations& a, int64_t r0, int64_t K,           \
-            const uint8_t* qs, const float* d, const float* m, float* y, int64_t ldy, int64_t n0, int64_t n1) { \
-        const int64_t G = K / 32;                                                                               \
-        const __m256i low = _mm256_set1_epi16(15);                                                              \
-        for (int64_t n = n0; n < n1; ++n) {                                                                     \
-            __m256 acc[R];                                                                                      \
-            for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();                                           \
-            for (int64_t g = 0; g < G; ++g) {                                                                   \
-                const __m256i bytes = _mm256_cvtepu8_epi16(                                                     \
-                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + n * K / 2 + g * 16)));                \
-                const __m256i w0 = _mm256_and_si256(bytes, low), w1 = _mm256_srli_epi16(bytes, 4);              \
-                const float dg = d[n * G + g];                                                                  \
-                for (int r = 0; r < R; ++r) {                                                                   \
-                    const int64_t i = (r0 + r) * G + g;                                                         \
-                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dg * a.scale[i]),                                   \
-                                             dot_##NAME(w0, w1, a.q.data() + i * 32), acc[r]);                  \
-                }                                                                                               \
-            }                                                                                                   \
-            for (int r = 0; r < R; ++r) { /* + the sum over groups of m * sum(x), 8 groups at a time */         \
-                const float* sums = a.sum.data() + (r0 + r) * G;                                                \
-                __m256 mins = _mm256_setzero_ps();                                                              \
-                int64_t g = 0;                                                                                  \
-                for (; g + 8 <= G; g += 8)                                                                      \
-                    mins = _mm256_fmadd_ps(_mm256_loadu_ps(m + n * G + g), _mm256_loadu_ps(sums + g), mins);    \
-                float tail = 0.f;                                                                               \
-                for (; g < G; ++g) tail += m[n * G + g] * sums[g];                                              \
-                y[(r0 + r) * ldy + n] = hsum_##NAME(acc[r]) + hsum_##NAME(mins) + tail;                         \
-            }                                                                                                   \
-        }                                                                                                       \
-    }                                                                                                           \
-    template <int R>                                                                                            \
-    __attribute__((target(TARGET))) void q8_block_##NAME(const Activations& a, int64_t r0, int64_t K,           \
-            const int8_t* q, const float* s, int64_t groups, float* y, int64_t ldy, int64_t n0, int64_t n1) {   \
-        const int64_t G = K / 32;                                                                               \
-        for (int64_t n = n0; n < n1; ++n) {                                                                     \
-            __m256 acc[R];                                                                                      \
-            for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();                                           \
-            for (int64_t g = 0; g < G; ++g) {                                                                   \
-                const int8_t* w = q + n * K + g * 32;                                                           \
-                const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));  \
-                const __m256i w1 = _mm256_cvtepi8_epi16(                                                        \
-                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));                                 \
-                const float wscale = groups == 1 ? s[n] : s[n * G + g];                                         \
-                for (int r = 0; r < R; ++r) {                                                                   \
-                    const int64_t i = (r0 + r) * G + g;                                                         \
-                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(wscale * a.scale[i]),                               \
-                                             dot_##NAME(w0, w1, a.q.data() + i * 32), acc[r]);                  \
-                }                                                                                               \
-            }                                                                                                   \
-            for (int r = 0; r < R; ++r) y[(r0 + r) * ldy + n] = hsum_##NAME(acc[r]);                            \
-        }                                                                                                       \
-    }
-
-SLM_256_KERNELS(avx2, "avx2,fma,f16c",
-                _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1)))
-SLM_256_KERNELS(avxvnni, "avx2,fma,f16c,avxvnni",
-                _mm256_dpwssd_avx_epi32(_mm256_dpwssd_avx_epi32(_mm256_setzero_si256(), w0, x0), w1, x1))
-
-// --- 512-bit: AVX-512 VNNI ----------------------------------------------------------------------------------
-// A whole group in one register: its 32 weights as int16, one vpdpwssd against the 32 activations.
-#define SLM_512 "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"
-
-__attribute__((target(SLM_512))) inline __m512 dot_avx512(__m512i w, const int16_t* xq) {
-    const __m512i x = _mm512_loadu_si512(xq);
-    return _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), w, x));
+SLM_512 inline __m512 avx512_i8(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
+SLM_TILES(avx512, SLM_512, __m512, 16, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps, _mm512_mul_ps,
+          _mm512_set1_ps, _mm512_setzero_ps, _mm512_reduce_add_ps, avx512_u8, avx512_i8)
 
-template <int R>
-__attribute__((target(SLM_512))) void q4_block_avx512(const Activations& a, int64_t r0, int64_t K,
-        const uint8_t* qs, const float* d, const float* m, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-    const int64_t G = K / 32;
-    const __m256i low = _mm256_set1_epi16(15);
-    for (int64_t n = n0; n < n1; ++n) {
-        __m512 acc[R];
-        for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-        for (int64_t g = 0; g < G; ++g) {
-            const __m256i bytes = _mm256_cvtepu8_epi16(
-                _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + n * K / 2 + g * 16)));
-            const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(bytes, low)),
-                                                 _mm256_srli_epi16(bytes, 4), 1);
-            const float dg = d[n * G + g];
-            for (int r = 0; r < R; ++r) {
-                const int64_t i = (r0 + r) * G + g;
-                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(dg * a.scale[i]), dot_avx512(w, a.q.data() + i * 32),
-                                         acc[r]);
-            }
-        }
-        for (int r = 0; r < R; ++r) {  // + the sum over groups of m * sum(x), 16 groups at a time
-            const float* sums = a.sum.data() + (r0 + r) * G;
-            __m512 mins = _mm512_setzero_ps();
-            int64_t g = 0;
-            for (; g + 16 <= G; g += 16)
-                mins = _mm512_fmadd_ps(_mm512_loadu_ps(m + n * G + g), _mm512_loadu_ps(sums + g), mins);
-            float tail = 0.f;
-            for (; g < G; ++g) tail += m[n * G + g] * sums[g];
-            y[(r0 + r) * ldy + n] = _mm512_reduce_add_ps(acc[r]) + _mm512_reduce_add_ps(mins) + tail;
-        }
-    }
+// 8 lanes
+SLM_256 inline __m256 avx2_u8(const uint8_t* p, int mask, int shift) {  // 8 nibbles of bytes p[0..7]
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(b, shift), _mm256_set1_epi32(mask)));
 }
-
-template <int R>
-__attribute__((target(SLM_512))) void q8_block_avx512(const Activations& a, int64_t r0, int64_t K,
-        const int8_t* q, const float* s, int64_t groups, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-    const int64_t G = K / 32;
-    for (int64_t n = n0; n < n1; ++n) {
-        __m512 acc[R];
-        for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-        for (int64_t g = 0; g < G; ++g) {
-            const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + n * K + g * 32)));
-            const float wscale = groups == 1 ? s[n] : s[n * G + g];
-            for (int r = 0; r < R; ++r) {
-                const int64_t i = (r0 + r) * G + g;
-                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(wscale * a.scale[i]), dot_avx512(w, a.q.data() + i * 32),
-                                         acc[r]);
-            }
-        }
-        for (int r = 0; r < R; ++r) y[(r0 + r) * ldy + n] = _mm512_reduce_add_ps(acc[r]);
-    }
+SLM_256 inline __m256 avx2_i8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
-
-// All M rows, four at a time, for outputs n0..n1, with one instruction set's blocks.
-#define SLM_ROWS(KIND, NAME, ...)                                                                              \
-    for (int64_t r = 0; r < M; r += 4) {                                                                        \
-        switch (std::min<int64_t>(4, M - r)) {                                                                  \
-            case 1: KIND##_block_##NAME<1>(a, r, K, __VA_ARGS__); break;                                        \
-            case 2: KIND##_block_##NAME<2>(a, r, K, __VA_ARGS__); break;                                        \
-            case 3: KIND##_block_##NAME<3>(a, r, K, __VA_ARGS__); break;                                        \
-            default: KIND##_block_##NAME<4>(a, r, K, __VA_ARGS__);                                              \
-        }                                                                                                       \
-    }
+SLM_256 inline float avx2_sum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+SLM_TILES(avx2, SLM_256, __m256, 8, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps, _mm256_mul_ps,
+          _mm256_set1_ps, _mm256_setzero_ps, avx2_sum, avx2_u8, avx2_i8)
 
 bool cpu_has(Isa isa) {
     static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                              __builtin_cpu_supports("f16c");
-    static const bool avxvnni = avx2 && __builtin_cpu_supports("avxvnni");
     static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+                               __builtin_cpu_supports("avx512vl");
     switch (isa) {
-        case Isa::avx2: return avx2;
-        case Isa::avxvnni: return avxvnni;
+        case Isa::avx2: case Isa::avx2_int16: return avx2;
         case Isa::avx512: return avx512;
+        case Isa::avx_vnni: return avx2 && __builtin_cpu_supports("avxvnni");
+        case Isa::avx512_vnni: return avx512 && __builtin_cpu_supports("avx512vnni");
         default: return true;
     }
 }
 
-const char* NAMES[] = {"plain", "avx2", "avxvnni", "avx512"};
+const char* NAMES[] = {"plain", "avx2", "avx512", "avx2-int16", "avx-vnni", "avx512-vnni"};
+const Isa BEST_FIRST[] = {Isa::avx512, Isa::avx2, Isa::avx512_vnni, Isa::avx_vnni, Isa::avx2_int16, Isa::plain};
+
+constexpr int64_t DIRECT_ROWS = 6;  // up to here weights dequantized in registers beat a tile (bench gemv)
+
+// The exact kernels for outputs in parallel chunks of whole tiles; q4 (qs) or q8 (q8, s, groups).
+void tiles(const uint8_t* qs, const int8_t* q8, const float* d, const float* m, const float* s, int64_t groups,
+           const float* x, int64_t M, int64_t K, int64_t N, float* y, int64_t ldy, Isa isa) {
+    at::parallel_for(0, (N + 3) / 4, 2, [&](int64_t b0, int64_t b1) {
+        std::vector<float> tile(4 * K);
+        int64_t n0 = b0 * 4;
+        const int64_t n1 = std::min(N, b1 * 4);
+        if (M <= DIRECT_ROWS) {  // whole blocks of four outputs directly, three rows at a time; the tiles do the rest
+            const int64_t whole = n0 + (n1 - n0) / 4 * 4;
+            for (int64_t r = 0; r < M; r += 3) {
+                const float* xr = x + r * K;
+                float* yr = y + r * ldy;
+                const int64_t rows = std::min<int64_t>(3, M - r);
+                if (isa == Isa::avx512) {
+                    if (rows == 1) direct_avx512<1>(qs, q8, d, m, s, groups, xr, K, yr, ldy, n0, whole);
+                    else if (rows == 2) direct_avx512<2>(qs, q8, d, m, s, groups, xr, K, yr, ldy, n0, whole);
+                    else direct_avx512<3>(qs, q8, d, m, s, groups, xr, K, yr, ldy, n0, whole);
+                } else {
+                    if (rows == 1) direct_avx2<1>(qs, q8, d, m, s, groups, xr, K, yr, ldy, n0, whole);
+                    else if (rows == 2) direct_avx2<2>(qs, q8, d, m, s, groups, xr, K, yr, ldy, n0, whole);
+                    else direct_avx2<3>(qs, q8, d, m, s, groups, xr, K, yr, ldy, n0, whole);
+                }
+            }
+            n0 = whole;
+        }
+        if (isa == Isa::avx512) tiles_avx512(qs, q8, d, m, s, groups, x, M, K, y, ldy, n0, n1, tile.data());
+        else tiles_avx2(qs, q8, d, m, s, groups, x, M, K, y, ldy, n0, n1, tile.data());
+    });
+}
 
 }  // namespace
 
+Family family(Isa isa) {
+    if (isa == Isa::avx512 || isa == Isa::avx512_vnni) return Family::avx512;
+    return isa == Isa::plain ? Family::plain : Family::avx2;
+}
+
 std::vector<std::string> isas() {
     std::vector<std::string> out;
-    for (Isa isa : {Isa::avx512, Isa::avxvnni, Isa::avx2, Isa::plain})
+    for (Isa isa : BEST_FIRST)
         if (cpu_has(isa)) out.push_back(NAMES[int(isa)]);
     return out;
 }
 
 Isa parse_isa(const std::string& name) {
-    for (Isa isa : {Isa::plain, Isa::avx2, Isa::avxvnni, Isa::avx512}) {
+    for (Isa isa : BEST_FIRST) {
         if (name == NAMES[int(isa)]) {
             TORCH_CHECK(cpu_has(isa), "this CPU cannot run the '", name, "' kernels");
             return isa;
@@ -277,18 +265,11 @@ void q4_matmul(const float* x, int64_t M, int64_t K, const uint8_t* qs, const fl
         at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
             q4_rows_plain(x, xsum.data(), M, K, qs, d, m, y, ldy, n0, n1);
         });
-        return;
+    } else if (isa == Isa::avx512 || isa == Isa::avx2) {
+        tiles(qs, nullptr, d, m, nullptr, 0, x, M, K, N, y, ldy, isa);
+    } else {
+        q4_matmul_int16(x, M, K, qs, d, m, N, y, ldy, isa);
     }
-    const Activations a = to_fixed_point(x, M, K);
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-        if (isa == Isa::avx512) {
-            SLM_ROWS(q4, avx512, qs, d, m, y, ldy, n0, n1)
-        } else if (isa == Isa::avxvnni) {
-            SLM_ROWS(q4, avxvnni, qs, d, m, y, ldy, n0, n1)
-        } else {
-            SLM_ROWS(q4, avx2, qs, d, m, y, ldy, n0, n1)
-        }
-    });
 }
 
 void q8_matmul(const float* x, int64_t M, int64_t K, const int8_t* q, const float* s, int64_t groups, int64_t N,
@@ -297,18 +278,11 @@ void q8_matmul(const float* x, int64_t M, int64_t K, const int8_t* q, const floa
         at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
             q8_rows_plain(x, M, K, q, s, groups, y, ldy, n0, n1);
         });
-        return;
+    } else if (isa == Isa::avx512 || isa == Isa::avx2) {
+        tiles(nullptr, q, nullptr, nullptr, s, groups, x, M, K, N, y, ldy, isa);
+    } else {
+        q8_matmul_int16(x, M, K, q, s, groups, N, y, ldy, isa);
     }
-    const Activations a = to_fixed_point(x, M, K);
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-        if (isa == Isa::avx512) {
-            SLM_ROWS(q8, avx512, q, s, groups, y, ldy, n0, n1)
-        } else if (isa == Isa::avxvnni) {
-            SLM_ROWS(q8, avxvnni, q, s, groups, y, ldy, n0, n1)
-        } else {
-            SLM_ROWS(q8, avx2, q, s, groups, y, ldy, n0, n1)
-        }
-    });
 }
 
 namespace {

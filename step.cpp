@@ -92,8 +92,8 @@ struct Loops {
 };
 
 Loops loops_for(Isa isa) {
-    if (isa == Isa::avx512) return {rmsnorm_avx512, rope_avx512, attend_avx512, swiglu_avx512};
-    if (isa == Isa::plain) return {rmsnorm_plain, rope_plain, attend_plain, swiglu_plain};
+    if (family(isa) == Family::avx512) return {rmsnorm_avx512, rope_avx512, attend_avx512, swiglu_avx512};
+    if (family(isa) == Family::plain) return {rmsnorm_plain, rope_plain, attend_plain, swiglu_plain};
     return {rmsnorm_avx2, rope_avx2, attend_avx2, swiglu_avx2};
 }
 

@@ -114,18 +114,19 @@ def test_the_kernels_offer_every_instruction_set_this_cpu_has(monkeypatch):
     runs the AVX2 kernels; machine.py picks the first unless pinned."""
     flags, isas = cpu_flags(), layers.quant_ops().isas()
     avx2 = {"avx2", "fma", "f16c"} <= flags
-    assert isas[-1] == "plain" and ("avx2" in isas) == avx2
-    assert ("avxvnni" in isas) == (avx2 and "avx_vnni" in flags)
-    assert ("avx512" in isas) == (avx2 and {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags)
-    assert isas == sorted(isas, key=["avx512", "avxvnni", "avx2", "plain"].index)
-    for cap, allowed in (("avx2", {"avx2", "plain"}), ("default", {"plain"}), ("avx512", set(isas))):
+    avx512 = avx2 and {"avx512f", "avx512bw", "avx512vl"} <= flags
+    assert isas[-1] == "plain" and ("avx2" in isas) == ("avx2-int16" in isas) == avx2
+    assert ("avx-vnni" in isas) == (avx2 and "avx_vnni" in flags)
+    assert ("avx512" in isas) == avx512 and ("avx512-vnni" in isas) == (avx512 and "avx512_vnni" in flags)
+    assert isas == sorted(isas, key=["avx512", "avx2", "avx512-vnni", "avx-vnni", "avx2-int16", "plain"].index)
+    for cap, allowed in (("avx2", {"avx2", "avx2-int16", "plain"}), ("default", {"plain"}), ("avx512", set(isas))):
         monkeypatch.setenv("ATEN_CPU_CAPABILITY", cap)
         assert layers.kernel_isas() == [i for i in isas if i in allowed]
 
 
-# The plain loops are exact fp32; the SIMD paths round activations to 16-bit fixed point per group of 32
-# (1.5e-5 of the group's largest |x|).
-TOLERANCE = {"plain": 1e-6, "avx2": 1e-4, "avxvnni": 1e-4, "avx512": 1e-4}
+# The plain loops and the fp32 tiles are exact; the int16 kernels round activations to 16-bit fixed point per
+# group of 32 (1.5e-5 of the group's largest |x|).
+TOLERANCE = {"plain": 1e-6, "avx2": 1e-6, "avx512": 1e-6, "avx2-int16": 1e-4, "avx-vnni": 1e-4, "avx512-vnni": 1e-4}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
