@@ -99,11 +99,14 @@ MACHINE = Machine()
 
 
 def measured_path() -> Path:
-    """Where this machine's measured choices are kept: one file per CPU, thread count and torch version."""
+    """Where this machine's measured choices are kept: one file per CPU, thread count, torch version and version
+    of the kernels (what the measurements timed)."""
     cpu = next((line for line in open("/proc/cpuinfo") if line.startswith("model name")), "") \
         if os.path.exists("/proc/cpuinfo") else ""
     flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "") if cpu else ""
-    key = f"{cpu}|{flags}|{torch.get_num_threads()}|{torch.__version__}|{os.environ.get('ATEN_CPU_CAPABILITY')}"
+    kernels = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(CACHE.parent.glob("*.cpp")))).hexdigest()
+    key = f"{cpu}|{flags}|{torch.get_num_threads()}|{torch.__version__}|{os.environ.get('ATEN_CPU_CAPABILITY')}|" \
+          f"{kernels}"
     return CACHE / "machine" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
