@@ -146,6 +146,10 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", choices=STEPS, default="auto",
                         help="auto: the fused C++ step where it runs (CPU; fp32 or int8/int4 weights), else eager; "
                              "compiled: torch.compile of the decode step (minutes to compile the first time)")
+    parser.add_argument("--speculate", choices=("none", "ngram"), default="none",
+                        help="ngram: draft tokens by finding the last few tokens earlier in the prompt and text, and "
+                             "verify them in the same pass (same output; faster where the text repeats its input)")
+    parser.add_argument("--draft-tokens", type=positive(int), default=5, help="--speculate ngram: tokens per draft")
     add_runtime_args(parser)
 
 

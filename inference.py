@@ -96,7 +96,8 @@ def make_engine(model: GPT, tok: Tokenizer, args: argparse.Namespace, max_len: i
 
 def make_request(i: int, ids: list[int], args: argparse.Namespace, on_text=None) -> Request:
     return Request(ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, seed=args.seed + i,
-                   stop=tuple(args.stop), ignore_eos=args.ignore_eos, on_text=on_text, id=i)
+                   stop=tuple(args.stop), ignore_eos=args.ignore_eos, on_text=on_text, id=i,
+                   speculate=args.draft_tokens if args.speculate == "ngram" else 0)
 
 
 class InOrder:
@@ -121,7 +122,8 @@ def speed_report(engine: Engine, requests: int, wall: float) -> dict:
         "generated_tokens_per_s": s["new_tokens"] / wall, "wall_s": wall, "batch_size": engine.rows,
         "batching": engine.batching, "new_tokens": s["new_tokens"], "prefill_tokens": s["prefill_tokens"],
         "prompts": requests, "decode_steps": s["decode_steps"], "slot_utilisation": s["slot_utilisation"],
-        "step": engine.runner.step, "weights": describe_weights(engine.model), "machine": MACHINE.summary()}
+        "drafted": s["drafted"], "accepted": s["accepted"], "step": engine.runner.step,
+        "weights": describe_weights(engine.model), "machine": MACHINE.summary()}
 
 
 def generate_all(model: GPT, tok: Tokenizer, prompts: list[list[int]], args: argparse.Namespace,
@@ -255,7 +257,8 @@ def speed_line(report: dict) -> str:
     return (f"prefill {report['prefill_tokens_per_s']:,.0f} tok/s | decode {report['decode_tokens_per_s']:,.0f} tok/s"
             f" | generated {report['new_tokens']} tokens in {report['wall_s']:.2f}s = "
             f"{report['generated_tokens_per_s']:,.1f} tok/s (batch {report['batch_size']}, "
-            f"{report['num_procs']} proc)")
+            f"{report['num_procs']} proc)" + (f" | {report['accepted']} of {report['drafted']} draft tokens kept"
+                                              if report.get("drafted") else ""))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -60,7 +60,9 @@ def number(body: dict, name: str, default, low: float, high: float, integer: boo
 
 
 def create_app(engine: EngineThread, tok: Tokenizer, model_name: str, api_key: str | None = None,
-               max_queue: int = 256) -> FastAPI:
+               max_queue: int = 256, speculate: bool = False, draft_tokens: int = 5) -> FastAPI:
+    """The API over an engine thread; speculate: n-gram drafts of draft_tokens for requests that do not say
+    ("speculate": "ngram" or "none" in the body)."""
     app = FastAPI(title="slm", docs_url=None, redoc_url=None)
     created = int(time.time())
     max_len = engine.engine.max_len
@@ -136,11 +138,15 @@ def create_app(engine: EngineThread, tok: Tokenizer, model_name: str, api_key: s
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise APIError(400, f"'seed' must be an integer, not {seed!r}", "seed")
         top_k = number(body, "top_k", 0, 0, tok.vocab_size, integer=True)
+        speculating = body.get("speculate", "ngram" if speculate else "none")
+        if speculating not in ("ngram", "none"):
+            raise APIError(400, f"'speculate' must be \"ngram\" or \"none\", not {speculating!r}", "speculate")
         if engine.engine.queued() >= max_queue:
             raise APIError(429, f"the queue is full ({max_queue} requests waiting); retry in a second",
                            headers={"Retry-After": "1"})
         return Request(ids, max_tokens, number(body, "temperature", 1.0, 0, 2), top_k or None,
-                       number(body, "top_p", 1.0, 0, 1, open_low=True), seed=seed, stop=tuple(stop))
+                       number(body, "top_p", 1.0, 0, 1, open_low=True), seed=seed, stop=tuple(stop),
+                       speculate=draft_tokens if speculating == "ngram" else 0)
 
     async def respond(request: HTTPRequest, body: dict, gen: Request, chat: bool):
         loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
@@ -246,8 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"serving {name} ({model.num_params():,} parameters, {args.batch_size} rows of {max_len} tokens, "
           f"{describe_weights(model)}, {engine.engine.runner.step} step) at http://{args.host}:{args.port}/v1",
           flush=True)
-    uvicorn.run(create_app(engine, tok, name, args.api_key, args.max_queue), host=args.host, port=args.port,
-                log_level="warning")
+    uvicorn.run(create_app(engine, tok, name, args.api_key, args.max_queue, args.speculate == "ngram",
+                           args.draft_tokens), host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":
