@@ -63,33 +63,36 @@ void q8_rows_plain(const float* x, int64_t M, int64_t K, const int8_t* q, const 
 
 // --- exact fp32 tiles -------------------------------------------------------------------------------------
 // One body per vector width: VEC (a register of LANES floats) and its load, FMA, sum and int8/uint8 widening.
-// dequant_NAME writes `count` outputs' weights (rows n.. of W) into tile[count][K]; micro_NAME<NB, RB> adds up
-// NB outputs for RB activation rows, each pair in its own accumulator, then sums the lanes once.
+// dequant_NAME writes `count` outputs' weights (rows n.. of W) into tile[count][K] (fp32 weights need none:
+// their rows are the tile); micro_NAME<NB, RB> adds up NB outputs for RB activation rows, each pair in its own
+// accumulator, then sums the lanes once; direct_NAME<RB> does the same for a few rows with the weights
+// dequantized in registers and used at once.
 #define SLM_TILES(NAME, TARGET, VEC, LANES, LOAD, STORE, FMA, MUL, SET1, ZERO, SUM, U8_TO_F32, I8_TO_F32)       \
-    TARGET void dequant_##NAME(const uint8_t* qs, const int8_t* q8, const float* d, const float* m,             \
-                               const float* s, int64_t groups, int64_t K, int64_t n, int count, float* tile) {  \
-        const int64_t G = K / 32;                                                                              \
+    TARGET const float* dequant_##NAME(const Weights& W, int64_t n, int count, float* tile) {                  \
+        const int64_t K = W.K, G = K / 32;                                                                     \
+        if (W.w != nullptr) return W.w + n * K;                                                                \
         for (int i = 0; i < count; ++i) {                                                                      \
             float* out = tile + i * K;                                                                         \
-            if (qs != nullptr) {                                                                               \
-                const uint8_t* q = qs + (n + i) * K / 2;                                                       \
+            if (W.qs != nullptr) {                                                                             \
+                const uint8_t* q = W.qs + (n + i) * K / 2;                                                     \
                 for (int64_t g = 0; g < G; ++g) {                                                              \
-                    const VEC dg = SET1(d[(n + i) * G + g]), mg = SET1(m[(n + i) * G + g]);                    \
+                    const VEC dg = SET1(W.d[(n + i) * G + g]), mg = SET1(W.m[(n + i) * G + g]);                \
                     for (int j = 0; j < 16; j += LANES) {                                                      \
                         STORE(out + g * 32 + j, FMA(U8_TO_F32(q + g * 16 + j, 15, 0), dg, mg));                \
                         STORE(out + g * 32 + 16 + j, FMA(U8_TO_F32(q + g * 16 + j, 15, 4), dg, mg));           \
                     }                                                                                          \
                 }                                                                                              \
             } else {                                                                                           \
-                const int8_t* q = q8 + (n + i) * K;                                                            \
-                const int64_t group = K / groups;                                                              \
-                for (int64_t g = 0; g < groups; ++g) {                                                         \
-                    const VEC scale = SET1(s[(n + i) * groups + g]);                                           \
+                const int8_t* q = W.q + (n + i) * K;                                                           \
+                const int64_t group = K / W.groups;                                                            \
+                for (int64_t g = 0; g < W.groups; ++g) {                                                       \
+                    const VEC scale = SET1(W.s[(n + i) * W.groups + g]);                                       \
                     for (int64_t j = g * group; j < (g + 1) * group; j += LANES)                               \
                         STORE(out + j, MUL(I8_TO_F32(q + j), scale));                                          \
                 }                                                                                              \
             }                                                                                                  \
         }                                                                                                      \
+        return tile;                                                                                           \
     }                                                                                                          \
     template <int NB, int RB>                                                                                  \
     TARGET void micro_##NAME(const float* tile, const float* x, int64_t K, float* y, int64_t ldy, int64_t n) { \
@@ -106,12 +109,9 @@ void q8_rows_plain(const float* x, int64_t M, int64_t K, const int8_t* q, const 
         for (int i = 0; i < NB; ++i)                                                                           \
             for (int j = 0; j < RB; ++j) y[j * ldy + n + i] = SUM(acc[i][j]);                                  \
     }                                                                                                          \
-    /* few rows (decode): four outputs' weights dequantized in registers and used at once, no tile between */  \
     template <int RB>                                                                                          \
-    TARGET void direct_##NAME(const uint8_t* qs, const int8_t* q8, const float* d, const float* m,             \
-                              const float* s, int64_t groups, const float* x, int64_t K, float* y, int64_t ldy, \
-                              int64_t n0, int64_t n1) {                                                        \
-        const int64_t G = K / 32;                                                                              \
+    TARGET void direct_##NAME(const Weights& W, const float* x, float* y, int64_t ldy, int64_t n0, int64_t n1) { \
+        const int64_t K = W.K, G = K / 32;                                                                     \
         constexpr int HALF = 16 / LANES;  /* q4: the first HALF chunks of a group are low nibbles */            \
         for (int64_t n = n0; n + 4 <= n1; n += 4) {                                                            \
             VEC acc[4][RB];                                                                                    \
@@ -119,14 +119,19 @@ void q8_rows_plain(const float* x, int64_t M, int64_t K, const int8_t* q, const 
                 for (int j = 0; j < RB; ++j) acc[i][j] = ZERO();                                               \
             for (int64_t g = 0; g < G; ++g)                                                                    \
                 for (int c = 0; c < 32 / LANES; ++c) {                                                         \
+                    const int64_t k = g * 32 + c * LANES;                                                      \
                     VEC w[4], xv[RB];                                                                          \
-                    for (int i = 0; i < 4; ++i)                                                                \
-                        w[i] = qs != nullptr                                                                   \
-                            ? FMA(U8_TO_F32(qs + (n + i) * K / 2 + g * 16 + (c % HALF) * LANES, 15,           \
-                                            c < HALF ? 0 : 4), SET1(d[(n + i) * G + g]), SET1(m[(n + i) * G + g])) \
-                            : MUL(I8_TO_F32(q8 + (n + i) * K + g * 32 + c * LANES),                            \
-                                  SET1(groups == 1 ? s[n + i] : s[(n + i) * groups + g]));                     \
-                    for (int j = 0; j < RB; ++j) xv[j] = LOAD(x + j * K + g * 32 + c * LANES);                 \
+                    for (int i = 0; i < 4; ++i) {                                                              \
+                        const int64_t row = n + i;                                                             \
+                        if (W.w != nullptr) w[i] = LOAD(W.w + row * K + k);                                    \
+                        else if (W.qs != nullptr)                                                              \
+                            w[i] = FMA(U8_TO_F32(W.qs + row * K / 2 + g * 16 + (c % HALF) * LANES, 15,          \
+                                                 c < HALF ? 0 : 4), SET1(W.d[row * G + g]), SET1(W.m[row * G + g])); \
+                        else                                                                                   \
+                            w[i] = MUL(I8_TO_F32(W.q + row * K + k),                                           \
+                                       SET1(W.groups == 1 ? W.s[row] : W.s[row * W.groups + g]));              \
+                    }                                                                                          \
+                    for (int j = 0; j < RB; ++j) xv[j] = LOAD(x + j * K + k);                                  \
                     for (int i = 0; i < 4; ++i)                                                                \
                         for (int j = 0; j < RB; ++j) acc[i][j] = FMA(w[i], xv[j], acc[i][j]);                  \
                 }                                                                                              \
@@ -134,24 +139,37 @@ void q8_rows_plain(const float* x, int64_t M, int64_t K, const int8_t* q, const 
                 for (int j = 0; j < RB; ++j) y[j * ldy + n + i] = SUM(acc[i][j]);                              \
         }                                                                                                      \
     }                                                                                                          \
-    /* outputs n0..n1 for all M rows: NB outputs dequantized at a time, then RB rows at a time */              \
-    TARGET void tiles_##NAME(const uint8_t* qs, const int8_t* q8, const float* d, const float* m,              \
-                             const float* s, int64_t groups, const float* x, int64_t M, int64_t K, float* y,   \
-                             int64_t ldy, int64_t n0, int64_t n1, float* tile) {                               \
+    /* outputs n0..n1 for all M rows: a few rows directly, three at a time; more through tiles of NB outputs, \
+       RB rows at a time */                                                                                    \
+    TARGET void slice_##NAME(const Weights& W, const float* x, int64_t M, float* y, int64_t ldy, int64_t n0,   \
+                             int64_t n1, float* tile) {                                                        \
         constexpr int NB = 4, RB = 4;                                                                          \
+        const int64_t K = W.K;                                                                                 \
+        if (M <= DIRECT_ROWS) {                                                                                \
+            const int64_t whole = n0 + (n1 - n0) / 4 * 4;                                                      \
+            for (int64_t r = 0; r < M; r += 3) {                                                               \
+                const int64_t rows = std::min<int64_t>(3, M - r);                                              \
+                if (rows == 1) direct_##NAME<1>(W, x + r * K, y + r * ldy, ldy, n0, whole);                    \
+                else if (rows == 2) direct_##NAME<2>(W, x + r * K, y + r * ldy, ldy, n0, whole);               \
+                else direct_##NAME<3>(W, x + r * K, y + r * ldy, ldy, n0, whole);                              \
+            }                                                                                                  \
+            n0 = whole;                                                                                        \
+        }                                                                                                      \
         for (int64_t n = n0; n < n1; n += NB) {                                                                \
             const int count = int(std::min<int64_t>(NB, n1 - n));                                             \
-            dequant_##NAME(qs, q8, d, m, s, groups, K, n, count, tile);                                        \
+            const float* t = dequant_##NAME(W, n, count, tile);                                                \
             int64_t r = 0;                                                                                     \
-            for (; count == NB && r + RB <= M; r += RB) micro_##NAME<NB, RB>(tile, x + r * K, K, y + r * ldy, ldy, n); \
-            if (count == NB && M - r == 3) micro_##NAME<NB, 3>(tile, x + r * K, K, y + r * ldy, ldy, n);      \
-            if (count == NB && M - r == 2) micro_##NAME<NB, 2>(tile, x + r * K, K, y + r * ldy, ldy, n);      \
-            if (count == NB && M - r == 1) micro_##NAME<NB, 1>(tile, x + r * K, K, y + r * ldy, ldy, n);      \
+            for (; count == NB && r + RB <= M; r += RB) micro_##NAME<NB, RB>(t, x + r * K, K, y + r * ldy, ldy, n); \
+            if (count == NB && M - r == 3) micro_##NAME<NB, 3>(t, x + r * K, K, y + r * ldy, ldy, n);         \
+            if (count == NB && M - r == 2) micro_##NAME<NB, 2>(t, x + r * K, K, y + r * ldy, ldy, n);         \
+            if (count == NB && M - r == 1) micro_##NAME<NB, 1>(t, x + r * K, K, y + r * ldy, ldy, n);         \
             r = count == NB ? M : r;                                                                           \
             for (int i = 0; i < count && r < M; ++i) /* the last outputs, fewer than NB */                     \
-                for (int64_t j = r; j < M; ++j) micro_##NAME<1, 1>(tile + i * K, x + j * K, K, y + j * ldy, ldy, n + i); \
+                for (int64_t j = r; j < M; ++j) micro_##NAME<1, 1>(t + i * K, x + j * K, K, y + j * ldy, ldy, n + i); \
         }                                                                                                      \
     }
+
+constexpr int64_t DIRECT_ROWS = 6;  // up to here weights dequantized in registers beat a tile (bench gemv)
 
 #define SLM_512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 #define SLM_256 __attribute__((target("avx2,fma,f16c")))
@@ -183,6 +201,16 @@ SLM_256 inline float avx2_sum(__m256 v) {
 SLM_TILES(avx2, SLM_256, __m256, 8, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps, _mm256_mul_ps,
           _mm256_set1_ps, _mm256_setzero_ps, avx2_sum, avx2_u8, avx2_i8)
 
+void f32_rows_plain(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t ldy, int64_t n0,
+                    int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+        for (int64_t r = 0; r < M; ++r) {
+            float acc = 0.f;
+            for (int64_t k = 0; k < K; ++k) acc += x[r * K + k] * w[n * K + k];
+            y[r * ldy + n] = acc;
+        }
+}
+
 bool cpu_has(Isa isa) {
     static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                              __builtin_cpu_supports("f16c");
@@ -199,38 +227,6 @@ bool cpu_has(Isa isa) {
 
 const char* NAMES[] = {"plain", "avx2", "avx512", "avx2-int16", "avx-vnni", "avx512-vnni"};
 const Isa BEST_FIRST[] = {Isa::avx512, Isa::avx2, Isa::avx512_vnni, Isa::avx_vnni, Isa::avx2_int16, Isa::plain};
-
-constexpr int64_t DIRECT_ROWS = 6;  // up to here weights dequantized in registers beat a tile (bench gemv)
-
-// The exact kernels for outputs in parallel chunks of whole tiles; q4 (qs) or q8 (q8, s, groups).
-void tiles(const uint8_t* qs, const int8_t* q8, const float* d, const float* m, const float* s, int64_t groups,
-           const float* x, int64_t M, int64_t K, int64_t N, float* y, int64_t ldy, Isa isa) {
-    at::parallel_for(0, (N + 3) / 4, 2, [&](int64_t b0, int64_t b1) {
-        std::vector<float> tile(4 * K);
-        int64_t n0 = b0 * 4;
-        const int64_t n1 = std::min(N, b1 * 4);
-        if (M <= DIRECT_ROWS) {  // whole blocks of four outputs directly, three rows at a time; the tiles do the rest
-            const int64_t whole = n0 + (n1 - n0) / 4 * 4;
-            for (int64_t r = 0; r < M; r += 3) {
-                const float* xr = x + r * K;
-                float* yr = y + r * ldy;
-                const int64_t rows = std::min<int64_t>(3, M - r);
-                if (isa == Isa::avx512) {
-                    if (rows == 1) direct_avx512<1>(qs, q8, d, m, s, groups, xr, K, yr, ldy, n0, whole);
-                    else if (rows == 2) direct_avx512<2>(qs, q8, d, m, s, groups, xr, K, yr, ldy, n0, whole);
-                    else direct_avx512<3>(qs, q8, d, m, s, groups, xr, K, yr, ldy, n0, whole);
-                } else {
-                    if (rows == 1) direct_avx2<1>(qs, q8, d, m, s, groups, xr, K, yr, ldy, n0, whole);
-                    else if (rows == 2) direct_avx2<2>(qs, q8, d, m, s, groups, xr, K, yr, ldy, n0, whole);
-                    else direct_avx2<3>(qs, q8, d, m, s, groups, xr, K, yr, ldy, n0, whole);
-                }
-            }
-            n0 = whole;
-        }
-        if (isa == Isa::avx512) tiles_avx512(qs, q8, d, m, s, groups, x, M, K, y, ldy, n0, n1, tile.data());
-        else tiles_avx2(qs, q8, d, m, s, groups, x, M, K, y, ldy, n0, n1, tile.data());
-    });
-}
 
 }  // namespace
 
@@ -256,33 +252,32 @@ Isa parse_isa(const std::string& name) {
     TORCH_CHECK(false, "unknown kernel instruction set '", name, "'");
 }
 
-void q4_matmul(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m, int64_t N,
-               float* y, int64_t ldy, Isa isa) {
-    if (isa == Isa::plain) {
-        const int64_t G = K / 32;
-        std::vector<float> xsum(M * G, 0.f);  // each group's sum of x, for the m * sum(x) terms
-        for (int64_t i = 0; i < M * K; ++i) xsum[i / 32] += x[i];
-        at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-            q4_rows_plain(x, xsum.data(), M, K, qs, d, m, y, ldy, n0, n1);
-        });
-    } else if (isa == Isa::avx512 || isa == Isa::avx2) {
-        tiles(qs, nullptr, d, m, nullptr, 0, x, M, K, N, y, ldy, isa);
-    } else {
-        q4_matmul_int16(x, M, K, qs, d, m, N, y, ldy, isa);
+void matmul_slice(const Weights& W, const float* x, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1,
+                  Isa isa, float* tile) {
+    if (n1 <= n0) return;
+    switch (isa) {
+        case Isa::avx512: return slice_avx512(W, x, M, y, ldy, n0, n1, tile);
+        case Isa::avx2: return slice_avx2(W, x, M, y, ldy, n0, n1, tile);
+        case Isa::plain:
+            if (W.w != nullptr) return f32_rows_plain(x, M, W.K, W.w, y, ldy, n0, n1);
+            if (W.q != nullptr) return q8_rows_plain(x, M, W.K, W.q, W.s, W.groups, y, ldy, n0, n1);
+            {
+                const int64_t G = W.K / 32;
+                std::vector<float> xsum(M * G, 0.f);  // each group's sum of x, for the m * sum(x) terms
+                for (int64_t i = 0; i < M * W.K; ++i) xsum[i / 32] += x[i];
+                return q4_rows_plain(x, xsum.data(), M, W.K, W.qs, W.d, W.m, y, ldy, n0, n1);
+            }
+        default:
+            TORCH_CHECK(W.w == nullptr, "the int16 kernels take quantized weights only");
+            return int16_slice(W, x, M, y, ldy, n0, n1, isa);
     }
 }
 
-void q8_matmul(const float* x, int64_t M, int64_t K, const int8_t* q, const float* s, int64_t groups, int64_t N,
-               float* y, int64_t ldy, Isa isa) {
-    if (isa == Isa::plain) {
-        at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-            q8_rows_plain(x, M, K, q, s, groups, y, ldy, n0, n1);
-        });
-    } else if (isa == Isa::avx512 || isa == Isa::avx2) {
-        tiles(nullptr, q, nullptr, nullptr, s, groups, x, M, K, N, y, ldy, isa);
-    } else {
-        q8_matmul_int16(x, M, K, q, s, groups, N, y, ldy, isa);
-    }
+void matmul(const Weights& W, const float* x, int64_t M, float* y, int64_t ldy, Isa isa) {
+    at::parallel_for(0, (W.N + 3) / 4, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<float> tile(4 * W.K);
+        matmul_slice(W, x, M, y, ldy, b0 * 4, std::min(W.N, b1 * 4), isa, tile.data());
+    });
 }
 
 namespace {
@@ -300,8 +295,9 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
                 m.scalar_type() == at::kFloat && d.size(1) == G && m.size(1) == G && qs.is_contiguous() &&
                 d.is_contiguous() && m.is_contiguous(), "bad q4 weight layout");
     auto y = at::empty({x.size(0), N}, x.options());
-    q4_matmul(x.data_ptr<float>(), x.size(0), K, qs.data_ptr<uint8_t>(), d.data_ptr<float>(), m.data_ptr<float>(), N,
-              y.data_ptr<float>(), N, parse_isa(isa));
+    Weights W;
+    W.qs = qs.data_ptr<uint8_t>(), W.d = d.data_ptr<float>(), W.m = m.data_ptr<float>(), W.N = N, W.K = K;
+    matmul(W, x.data_ptr<float>(), x.size(0), y.data_ptr<float>(), N, parse_isa(isa));
     return y;
 }
 
@@ -312,8 +308,9 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
                 (s.size(1) == 1 || s.size(1) == K / 32) && q.is_contiguous() && s.is_contiguous(),
                 "bad q8 weight layout: one scale per row or per 32");
     auto y = at::empty({x.size(0), N}, x.options());
-    q8_matmul(x.data_ptr<float>(), x.size(0), K, q.data_ptr<int8_t>(), s.data_ptr<float>(), s.size(1), N,
-              y.data_ptr<float>(), N, parse_isa(isa));
+    Weights W;
+    W.q = q.data_ptr<int8_t>(), W.s = s.data_ptr<float>(), W.groups = s.size(1), W.N = N, W.K = K;
+    matmul(W, x.data_ptr<float>(), x.size(0), y.data_ptr<float>(), N, parse_isa(isa));
     return y;
 }
 

@@ -187,10 +187,15 @@ __attribute__((target(SLM_512))) void q8_block_avx512(const Activations& a, int6
 
 }  // namespace
 
-void q4_matmul_int16(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m,
-                     int64_t N, float* y, int64_t ldy, Isa isa) {
-    const Activations a = to_fixed_point(x, M, K);
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+void int16_slice(const Weights& W, const float* x, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1,
+                 Isa isa) {
+    const int64_t K = W.K;
+    const Activations a = to_fixed_point(x, M, K);  // each thread its own: a few rows, cheap beside the weights
+    const uint8_t* qs = W.qs;
+    const int8_t* q = W.q;
+    const float *d = W.d, *m = W.m, *s = W.s;
+    const int64_t groups = W.groups;
+    if (qs != nullptr) {
         if (isa == Isa::avx512_vnni) {
             SLM_ROWS(q4, avx512, qs, d, m, y, ldy, n0, n1)
         } else if (isa == Isa::avx_vnni) {
@@ -198,21 +203,13 @@ void q4_matmul_int16(const float* x, int64_t M, int64_t K, const uint8_t* qs, co
         } else {
             SLM_ROWS(q4, avx2, qs, d, m, y, ldy, n0, n1)
         }
-    });
-}
-
-void q8_matmul_int16(const float* x, int64_t M, int64_t K, const int8_t* q, const float* s, int64_t groups,
-                     int64_t N, float* y, int64_t ldy, Isa isa) {
-    const Activations a = to_fixed_point(x, M, K);
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-        if (isa == Isa::avx512_vnni) {
-            SLM_ROWS(q8, avx512, q, s, groups, y, ldy, n0, n1)
-        } else if (isa == Isa::avx_vnni) {
-            SLM_ROWS(q8, avxvnni, q, s, groups, y, ldy, n0, n1)
-        } else {
-            SLM_ROWS(q8, avx2, q, s, groups, y, ldy, n0, n1)
-        }
-    });
+    } else if (isa == Isa::avx512_vnni) {
+        SLM_ROWS(q8, avx512, q, s, groups, y, ldy, n0, n1)
+    } else if (isa == Isa::avx_vnni) {
+        SLM_ROWS(q8, avxvnni, q, s, groups, y, ldy, n0, n1)
+    } else {
+        SLM_ROWS(q8, avx2, q, s, groups, y, ldy, n0, n1)
+    }
 }
 
 }  // namespace slm

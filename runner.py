@@ -85,7 +85,6 @@ class ModelRunner:
             else step
         self.compiled = self.step == "compiled"
         self.decode_step = compile_decode_step(model) if self.compiled else model.decode_step
-        self.quantized = any(isinstance(m, QuantLinear) for m in model.modules())
         self.fused = fused_model(model) if self.step == "fused" else None
 
     @property
@@ -104,18 +103,10 @@ class ModelRunner:
             rows = batch.sampled + [row for row, _, tokens in pieces for _ in tokens]
             positions = [slot for _, slot in decode] + [start + j for _, start, tokens in pieces
                                                         for j in range(len(tokens))]
-            # From dense_min_rows tokens, quantized layers run a GEMM on their dequantized weights, counting the
-            # tokens of decode and prompts only: a draft is verified on the path its row's decode token takes,
-            # so speculation leaves the tokens as they are.
-            gemm_rows, plain = 1 << 62, len(decode) + sum(len(tokens) for _, _, tokens in batch.chunks)
-            if self.quantized and plain > 1 and plain >= dense_min_rows():
-                gemm_rows = dense_min_rows()
-                if not self.fused.has_dense():  # made when first needed: 4 bytes a weight
-                    self.fused = fused_model(self.model, dense=True)
             at = list(range(len(decode))) + logits_at(batch, len(decode))
             logits = self.fused.forward(*(torch.tensor(v) for v in (ids, rows, positions, at)),
                                         [k for k, _ in self.kv_cache], [v for _, v in self.kv_cache],
-                                        quant_kernel(), gemm_rows)
+                                        quant_kernel())
             return Logits.split(logits, batch)
         chunks = prefill_part(pieces, self.device) if pieces else None
         span = self.rows if self.compiled else batch.span
@@ -202,22 +193,19 @@ def fused_runs(model: GPT) -> bool:
 FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (its weights, step.cpp's Model)
 
 
-def fused_model(model: GPT, dense: bool = False):
+def fused_model(model: GPT):
     """step.cpp's Model over this model's own weight tensors, made once per model and remade only when a weight
     tensor was replaced (no copies: it sees in-place updates, as training makes; int4/int8 layers keep their
-    blocks, and with dense=True their fp32 dequantization too, for the steps with many rows)."""
+    blocks, which its kernels dequantize as they go)."""
     weights = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
-    if model in FUSED and FUSED[model][0] == weights and (FUSED[model][1].has_dense() or not dense):
+    if model in FUSED and FUSED[model][0] == weights:
         return FUSED[model][1]
     empty = torch.empty(0)
 
     def spec(module) -> list[torch.Tensor]:
         if isinstance(module, QuantLinear):
-            if dense and module.dense is None:
-                module.dense = module.dequantize()
-            blocks = (module.qs, module.d, module.m) if module.fmt == "q4" else (module.q, module.s, empty)
-            return [*blocks, module.dense if dense else empty]
-        return [module.weight.detach(), empty, empty, empty]
+            return list((module.qs, module.d, module.m) if module.fmt == "q4" else (module.q, module.s, empty))
+        return [module.weight.detach(), empty, empty]
 
     def group(parent, names: tuple[str, ...]) -> list[list[torch.Tensor]]:
         fused = getattr(parent, "fused", None)  # quantize_model's one matmul for these

@@ -12,6 +12,7 @@
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
+#include <omp.h>
 #include <pybind11/stl.h>
 
 #include <algorithm>
@@ -98,56 +99,39 @@ Loops loops_for(Isa isa) {
 }
 
 // --- linear layers --------------------------------------------------------------------------------------------
-// One matmul weight: dense fp32 [N, K]; or int4 (qs, d, m) / int8 (q, s) blocks, with, where the model made
-// it, their fp32 dequantization for many rows (a GEMM beats the kernels from dense_min_rows rows).
+// One matmul weight, from the model's own tensors: fp32 [N, K]; or int4 (qs, d, m) / int8 (q, s) blocks.
 struct Linear {
-    at::Tensor a, b, c, dense;
-    int64_t N = 0, K = 0;
+    at::Tensor a, b, c;  // held, so that the pointers in W stay valid
+    Weights W;
 
-    explicit Linear(const std::vector<at::Tensor>& t) : a(t.at(0)), b(t.at(1)), c(t.at(2)), dense(t.at(3)) {
-        if (a.scalar_type() == at::kByte) { N = a.size(0); K = a.size(1) * 2; }
-        else { N = a.size(0); K = a.size(1); }
+    explicit Linear(const std::vector<at::Tensor>& t) : a(t.at(0)), b(t.at(1)), c(t.at(2)) {
         TORCH_CHECK(a.is_contiguous() && a.device().is_cpu(), "weights must be contiguous CPU tensors");
-    }
-
-    // y[:, offset:offset + N] of a [M, ldy] buffer = x [M, K] @ W.T
-    void apply(const at::Tensor& x, float* y, int64_t ldy, Isa isa, int64_t dense_min_rows) const {
-        const int64_t M = x.size(0);
-        const bool quantized = a.scalar_type() != at::kFloat;
-        if (!quantized || (M >= dense_min_rows && dense.defined() && dense.numel())) {
-            const at::Tensor out = at::linear(x, quantized ? dense : a);
-            const float* src = out.data_ptr<float>();
-            for (int64_t r = 0; r < M; ++r) std::copy(src + r * N, src + (r + 1) * N, y + r * ldy);
+        W.N = a.size(0);
+        if (a.scalar_type() == at::kFloat) {
+            W.w = a.data_ptr<float>(), W.K = a.size(1);
         } else if (a.scalar_type() == at::kByte) {
-            q4_matmul(x.data_ptr<float>(), M, K, a.data_ptr<uint8_t>(), b.data_ptr<float>(), c.data_ptr<float>(), N,
-                      y, ldy, isa);
+            W.qs = a.data_ptr<uint8_t>(), W.d = b.data_ptr<float>(), W.m = c.data_ptr<float>(), W.K = a.size(1) * 2;
         } else {
-            q8_matmul(x.data_ptr<float>(), M, K, a.data_ptr<int8_t>(), b.data_ptr<float>(), b.size(1), N, y, ldy,
-                      isa);
+            W.q = a.data_ptr<int8_t>(), W.s = b.data_ptr<float>(), W.groups = b.size(1), W.K = a.size(1);
         }
     }
 
-    // Rows `ids` of W, dequantized (the embedding lookup of a tied, quantized head).
-    void rows(const int64_t* ids, int64_t n, float* out) const {
-        for (int64_t i = 0; i < n; ++i) {
-            float* o = out + i * K;
-            if (a.scalar_type() == at::kFloat) {
-                std::copy(a.data_ptr<float>() + ids[i] * K, a.data_ptr<float>() + (ids[i] + 1) * K, o);
-            } else if (a.scalar_type() == at::kByte) {
-                const int64_t G = K / 32;
-                const uint8_t* q = a.data_ptr<uint8_t>() + ids[i] * K / 2;
-                const float *d = b.data_ptr<float>() + ids[i] * G, *m = c.data_ptr<float>() + ids[i] * G;
-                for (int64_t g = 0; g < G; ++g)
-                    for (int j = 0; j < 16; ++j) {
-                        o[g * 32 + j] = d[g] * float(q[g * 16 + j] & 15) + m[g];
-                        o[g * 32 + j + 16] = d[g] * float(q[g * 16 + j] >> 4) + m[g];
-                    }
-            } else {
-                const int64_t groups = b.size(1), group = K / groups;
-                const int8_t* q = a.data_ptr<int8_t>() + ids[i] * K;
-                const float* s = b.data_ptr<float>() + ids[i] * groups;
-                for (int64_t j = 0; j < K; ++j) o[j] = s[j / group] * float(q[j]);
-            }
+    // Row `id` of W, dequantized (the embedding lookup of a tied, quantized head).
+    void row(int64_t id, float* out) const {
+        const int64_t K = W.K;
+        if (W.w != nullptr) {
+            std::copy(W.w + id * K, W.w + (id + 1) * K, out);
+        } else if (W.qs != nullptr) {
+            const int64_t G = K / 32;
+            const uint8_t* q = W.qs + id * K / 2;
+            for (int64_t g = 0; g < G; ++g)
+                for (int j = 0; j < 16; ++j) {
+                    out[g * 32 + j] = W.d[id * G + g] * float(q[g * 16 + j] & 15) + W.m[id * G + g];
+                    out[g * 32 + j + 16] = W.d[id * G + g] * float(q[g * 16 + j] >> 4) + W.m[id * G + g];
+                }
+        } else {
+            const int64_t group = K / W.groups;
+            for (int64_t j = 0; j < K; ++j) out[j] = W.s[id * W.groups + j / group] * float(W.q[id * K + j]);
         }
     }
 };
@@ -158,17 +142,7 @@ struct Projections {
     int64_t N = 0;
 
     Projections(const std::vector<std::vector<at::Tensor>>& specs) {
-        for (const auto& spec : specs) { parts.emplace_back(spec); N += parts.back().N; }
-    }
-
-    at::Tensor apply(const at::Tensor& x, Isa isa, int64_t dense_min_rows) const {
-        at::Tensor y = at::empty({x.size(0), N}, x.options());
-        int64_t offset = 0;
-        for (const Linear& part : parts) {
-            part.apply(x, y.data_ptr<float>() + offset, N, isa, dense_min_rows);
-            offset += part.N;
-        }
-        return y;
+        for (const auto& spec : specs) { parts.emplace_back(spec); N += parts.back().W.N; }
     }
 };
 
@@ -198,71 +172,99 @@ class Model {
     }
 
     // The logits (len(logits_at), vocab) of one step: token i is ids[i] at slot positions[i] of cache row
-    // rows[i], attending over that row's slots 0 .. positions[i] (its own included, just written).
+    // rows[i], attending over that row's slots 0 .. positions[i] (its own included, just written). The whole
+    // pass runs in one team of threads, which split each phase's work and meet at a barrier between phases.
     at::Tensor forward(const at::Tensor& ids, const at::Tensor& rows, const at::Tensor& positions,
                        const at::Tensor& logits_at, const std::vector<at::Tensor>& k_cache,
-                       const std::vector<at::Tensor>& v_cache, const std::string& isa_name,
-                       int64_t dense_min_rows) const {
+                       const std::vector<at::Tensor>& v_cache, const std::string& isa_name) const {
         const Isa isa = parse_isa(isa_name);
         const Loops loop = loops_for(isa);
-        const int64_t N = ids.size(0), D = embed.K, S = k_cache.at(0).size(2);
+        const int64_t N = ids.size(0), L = logits_at.size(0), D = embed.W.K, S = k_cache.at(0).size(2);
+        const int64_t* id = ids.data_ptr<int64_t>();
         const int64_t* row = rows.data_ptr<int64_t>();
         const int64_t* pos = positions.data_ptr<int64_t>();
+        const int64_t* at = logits_at.data_ptr<int64_t>();
         for (int64_t i = 0; i < N; ++i)
             TORCH_CHECK(pos[i] >= 0 && pos[i] < S && row[i] >= 0 && row[i] < k_cache[0].size(0),
                         "token ", i, " is outside the KV cache");
-        const auto f32 = at::TensorOptions().dtype(at::kFloat);
-        at::Tensor x = at::empty({N, D}, f32), h = at::empty({N, D}, f32);
-        embed.rows(ids.data_ptr<int64_t>(), N, x.data_ptr<float>());
-        at::Tensor attn = at::empty({N, H * hd}, f32);
+        for (int64_t j = 0; j < L; ++j) TORCH_CHECK(at[j] >= 0 && at[j] < N, "logits_at[", j, "] is not a token");
+        const int64_t width = (H + 2 * Hkv) * hd, F = layers.empty() ? 0 : layers[0].gate_up.N / 2;
+        int64_t widest = D;
+        for (const Layer& layer : layers) widest = std::max({widest, layer.down.parts[0].W.K});
+        std::vector<float> x(N * D), h(N * D), tmp(N * D), qkv(N * width), attn(N * H * hd), gu(N * 2 * F),
+            act(N * F), last(L * D);
+        at::Tensor logits = at::empty({L, head.N}, at::TensorOptions().dtype(at::kFloat));
+        float* out = logits.data_ptr<float>();
         const int64_t group = H / Hkv;
-        for (size_t l = 0; l < layers.size(); ++l) {
-            const Layer& layer = layers[l];
-            loop.rmsnorm(x.data_ptr<float>(), layer.input_norm.data_ptr<float>(), h.data_ptr<float>(), N, D, eps);
-            at::Tensor qkv = layer.qkv.apply(h, isa, dense_min_rows);  // [N, (H + 2 Hkv) hd]
-            float* qkvp = qkv.data_ptr<float>();
-            const int64_t width = (H + 2 * Hkv) * hd;
-            float* kc = k_cache[l].data_ptr<float>();
-            float* vc = v_cache[l].data_ptr<float>();
-            for (int64_t i = 0; i < N; ++i) {  // RoPE on q and k, then k and v into the cache
-                float* t = qkvp + i * width;
-                const float *c = cos.data_ptr<float>() + pos[i] * hd, *s = sin.data_ptr<float>() + pos[i] * hd;
-                loop.rope(t, H + Hkv, hd, c, s);
-                for (int64_t g = 0; g < Hkv; ++g) {
-                    const int64_t slot = ((row[i] * Hkv + g) * S + pos[i]) * hd;
-                    std::copy(t + (H + g) * hd, t + (H + g + 1) * hd, kc + slot);
-                    std::copy(t + (H + Hkv + g) * hd, t + (H + Hkv + g + 1) * hd, vc + slot);
+        const int threads = std::max(1, at::get_num_threads());
+#pragma omp parallel num_threads(threads)
+        {
+            const int t = omp_get_thread_num(), team = omp_get_num_threads();
+            std::vector<float> tile(4 * widest), scores(S);
+            auto part = [&](int64_t n, int64_t align) {  // this thread's share of [0, n), in multiples of align
+                const int64_t per = ((n + align - 1) / align + team - 1) / team * align;
+                return std::pair<int64_t, int64_t>(std::min(n, t * per), std::min(n, (t + 1) * per));
+            };
+            auto project = [&](const Projections& p, const float* in, int64_t M, float* y) {
+                int64_t offset = 0;
+                for (const Linear& linear : p.parts) {
+                    const auto [n0, n1] = part(linear.W.N, 4);
+                    matmul_slice(linear.W, in, M, y + offset, p.N, n0, n1, isa, tile.data());
+                    offset += linear.W.N;
                 }
-            }
-            float* out = attn.data_ptr<float>();
-            at::parallel_for(0, N * H, 1, [&](int64_t w0, int64_t w1) {
-                std::vector<float> scores(S);
+            };
+            auto [r0, r1] = part(N, 1);  // the tokens this thread normalises, rotates and adds up
+            for (int64_t i = r0; i < r1; ++i) embed.row(id[i], x.data() + i * D);
+#pragma omp barrier
+            for (size_t l = 0; l < layers.size(); ++l) {
+                const Layer& layer = layers[l];
+                float* kc = k_cache[l].data_ptr<float>();
+                float* vc = v_cache[l].data_ptr<float>();
+                loop.rmsnorm(x.data() + r0 * D, layer.input_norm.data_ptr<float>(), h.data() + r0 * D, r1 - r0, D,
+                             eps);
+#pragma omp barrier
+                project(layer.qkv, h.data(), N, qkv.data());
+#pragma omp barrier
+                for (int64_t i = r0; i < r1; ++i) {  // RoPE on q and k, then k and v into the cache
+                    float* token = qkv.data() + i * width;
+                    loop.rope(token, H + Hkv, hd, cos.data_ptr<float>() + pos[i] * hd,
+                              sin.data_ptr<float>() + pos[i] * hd);
+                    for (int64_t g = 0; g < Hkv; ++g) {
+                        const int64_t slot = ((row[i] * Hkv + g) * S + pos[i]) * hd;
+                        std::copy(token + (H + g) * hd, token + (H + g + 1) * hd, kc + slot);
+                        std::copy(token + (H + Hkv + g) * hd, token + (H + Hkv + g + 1) * hd, vc + slot);
+                    }
+                }
+#pragma omp barrier
+                const auto [w0, w1] = part(N * H, 1);  // (token, head) pairs
                 for (int64_t w = w0; w < w1; ++w) {
-                    const int64_t i = w / H, head = w % H, g = head / group;
-                    const int64_t base = (row[i] * Hkv + g) * S * hd;
-                    loop.attend(qkvp + i * width + head * hd, kc + base, vc + base, pos[i], hd, scores.data(),
-                                out + i * H * hd + head * hd);
+                    const int64_t i = w / H, q_head = w % H, base = (row[i] * Hkv + q_head / group) * S * hd;
+                    loop.attend(qkv.data() + i * width + q_head * hd, kc + base, vc + base, pos[i], hd,
+                                scores.data(), attn.data() + i * H * hd + q_head * hd);
                 }
-            });
-            at::Tensor o = layer.o.apply(attn, isa, dense_min_rows);
-            x.add_(o);
-            loop.rmsnorm(x.data_ptr<float>(), layer.post_norm.data_ptr<float>(), h.data_ptr<float>(), N, D, eps);
-            at::Tensor gu = layer.gate_up.apply(h, isa, dense_min_rows);
-            at::Tensor act = at::empty({N, gu.size(1) / 2}, f32);
-            loop.swiglu(gu.data_ptr<float>(), act.data_ptr<float>(), N, act.size(1));
-            x.add_(layer.down.apply(act, isa, dense_min_rows));
+#pragma omp barrier
+                project(layer.o, attn.data(), N, tmp.data());
+#pragma omp barrier
+                for (int64_t j = r0 * D; j < r1 * D; ++j) x[j] += tmp[j];
+                loop.rmsnorm(x.data() + r0 * D, layer.post_norm.data_ptr<float>(), h.data() + r0 * D, r1 - r0, D,
+                             eps);
+#pragma omp barrier
+                project(layer.gate_up, h.data(), N, gu.data());
+#pragma omp barrier
+                loop.swiglu(gu.data() + r0 * 2 * F, act.data() + r0 * F, r1 - r0, F);
+#pragma omp barrier
+                project(layer.down, act.data(), N, tmp.data());
+#pragma omp barrier
+                for (int64_t j = r0 * D; j < r1 * D; ++j) x[j] += tmp[j];
+#pragma omp barrier
+            }
+            const auto [j0, j1] = part(L, 1);
+            for (int64_t j = j0; j < j1; ++j)
+                loop.rmsnorm(x.data() + at[j] * D, norm.data_ptr<float>(), last.data() + j * D, 1, D, eps);
+#pragma omp barrier
+            project(head, last.data(), L, out);
         }
-        at::Tensor last = x.index_select(0, logits_at).contiguous();
-        at::Tensor normed = at::empty_like(last);
-        loop.rmsnorm(last.data_ptr<float>(), norm.data_ptr<float>(), normed.data_ptr<float>(), last.size(0), D, eps);
-        return head.apply(normed, isa, dense_min_rows);
-    }
-
-    bool has_dense() const {
-        for (const Layer& layer : layers)
-            for (const Linear& part : layer.qkv.parts)
-                if (part.dense.defined() && part.dense.numel()) return true;
-        return false;
+        return logits;
     }
 
   private:
@@ -284,6 +286,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
                             std::vector<std::vector<at::Tensor>>,
                             std::vector<std::vector<std::vector<std::vector<at::Tensor>>>>, at::Tensor,
                             std::vector<std::vector<at::Tensor>>>())
-        .def("forward", &slm::Model::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
-        .def("has_dense", &slm::Model::has_dense);
+        .def("forward", &slm::Model::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
