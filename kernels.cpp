@@ -28,7 +28,7 @@ namespace {
 
 // --- plain loops: the reference and the fallback ------------------------------------------------------
 void q4_rows_plain(const float* x, const float* xsum, int64_t M, int64_t K, const uint8_t* qs,
-                   const float* d, const float* m, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+                   const half* d, const half* m, float* y, int64_t ldy, int64_t n0, int64_t n1) {
     const int64_t G = K / 32;
     for (int64_t n = n0; n < n1; ++n) {
         for (int64_t r = 0; r < M; ++r) {
@@ -38,14 +38,14 @@ void q4_rows_plain(const float* x, const float* xsum, int64_t M, int64_t K, cons
                 const float* xg = x + r * K + g * 32;
                 float dot = 0.f;
                 for (int j = 0; j < 16; ++j) dot += xg[j] * float(q[j] & 15) + xg[j + 16] * float(q[j] >> 4);
-                acc += d[n * G + g] * dot + m[n * G + g] * xsum[r * G + g];
+                acc += to_float(d[n * G + g]) * dot + to_float(m[n * G + g]) * xsum[r * G + g];
             }
             y[r * ldy + n] = acc;
         }
     }
 }
 
-void q8_rows_plain(const float* x, int64_t M, int64_t K, const int8_t* q, const float* s, int64_t groups,
+void q8_rows_plain(const float* x, int64_t M, int64_t K, const int8_t* q, const half* s, int64_t groups,
                    float* y, int64_t ldy, int64_t n0, int64_t n1) {
     const int64_t group = K / groups;
     for (int64_t n = n0; n < n1; ++n) {
@@ -54,7 +54,7 @@ void q8_rows_plain(const float* x, int64_t M, int64_t K, const int8_t* q, const 
             for (int64_t g = 0; g < groups; ++g) {
                 float dot = 0.f;
                 for (int64_t j = g * group; j < (g + 1) * group; ++j) dot += x[r * K + j] * float(q[n * K + j]);
-                acc += s[n * groups + g] * dot;
+                acc += to_float(s[n * groups + g]) * dot;
             }
             y[r * ldy + n] = acc;
         }
@@ -76,7 +76,7 @@ void q8_rows_plain(const float* x, int64_t M, int64_t K, const int8_t* q, const 
             if (W.qs != nullptr) {                                                                             \
                 const uint8_t* q = W.qs + (n + i) * K / 2;                                                     \
                 for (int64_t g = 0; g < G; ++g) {                                                              \
-                    const VEC dg = SET1(W.d[(n + i) * G + g]), mg = SET1(W.m[(n + i) * G + g]);                \
+                    const VEC dg = SET1(_cvtsh_ss(W.d[(n + i) * G + g])), mg = SET1(_cvtsh_ss(W.m[(n + i) * G + g])); \
                     for (int j = 0; j < 16; j += LANES) {                                                      \
                         STORE(out + g * 32 + j, FMA(U8_TO_F32(q + g * 16 + j, 15, 0), dg, mg));                \
                         STORE(out + g * 32 + 16 + j, FMA(U8_TO_F32(q + g * 16 + j, 15, 4), dg, mg));           \
@@ -86,7 +86,7 @@ void q8_rows_plain(const float* x, int64_t M, int64_t K, const int8_t* q, const 
                 const int8_t* q = W.q + (n + i) * K;                                                           \
                 const int64_t group = K / W.groups;                                                            \
                 for (int64_t g = 0; g < W.groups; ++g) {                                                       \
-                    const VEC scale = SET1(W.s[(n + i) * W.groups + g]);                                       \
+                    const VEC scale = SET1(_cvtsh_ss(W.s[(n + i) * W.groups + g]));                            \
                     for (int64_t j = g * group; j < (g + 1) * group; j += LANES)                               \
                         STORE(out + j, MUL(I8_TO_F32(q + j), scale));                                          \
                 }                                                                                              \
@@ -126,10 +126,11 @@ void q8_rows_plain(const float* x, int64_t M, int64_t K, const int8_t* q, const 
                         if (W.w != nullptr) w[i] = LOAD(W.w + row * K + k);                                    \
                         else if (W.qs != nullptr)                                                              \
                             w[i] = FMA(U8_TO_F32(W.qs + row * K / 2 + g * 16 + (c % HALF) * LANES, 15,          \
-                                                 c < HALF ? 0 : 4), SET1(W.d[row * G + g]), SET1(W.m[row * G + g])); \
+                                                 c < HALF ? 0 : 4), SET1(_cvtsh_ss(W.d[row * G + g])),        \
+                                       SET1(_cvtsh_ss(W.m[row * G + g])));                                     \
                         else                                                                                   \
                             w[i] = MUL(I8_TO_F32(W.q + row * K + k),                                           \
-                                       SET1(W.groups == 1 ? W.s[row] : W.s[row * W.groups + g]));              \
+                                       SET1(_cvtsh_ss(W.groups == 1 ? W.s[row] : W.s[row * W.groups + g])));   \
                     }                                                                                          \
                     for (int j = 0; j < RB; ++j) xv[j] = LOAD(x + j * K + k);                                  \
                     for (int i = 0; i < 4; ++i)                                                                \
@@ -291,12 +292,13 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
                      const std::string& isa) {
     const int64_t N = qs.size(0), K = qs.size(1) * 2, G = K / 32;
     check_x(x, K);
-    TORCH_CHECK(K % 32 == 0 && qs.scalar_type() == at::kByte && d.scalar_type() == at::kFloat &&
-                m.scalar_type() == at::kFloat && d.size(1) == G && m.size(1) == G && qs.is_contiguous() &&
+    TORCH_CHECK(K % 32 == 0 && qs.scalar_type() == at::kByte && d.scalar_type() == at::kHalf &&
+                m.scalar_type() == at::kHalf && d.size(1) == G && m.size(1) == G && qs.is_contiguous() &&
                 d.is_contiguous() && m.is_contiguous(), "bad q4 weight layout");
     auto y = at::empty({x.size(0), N}, x.options());
     Weights W;
-    W.qs = qs.data_ptr<uint8_t>(), W.d = d.data_ptr<float>(), W.m = m.data_ptr<float>(), W.N = N, W.K = K;
+    W.qs = qs.data_ptr<uint8_t>(), W.N = N, W.K = K;
+    W.d = reinterpret_cast<const half*>(d.data_ptr<at::Half>()), W.m = reinterpret_cast<const half*>(m.data_ptr<at::Half>());
     matmul(W, x.data_ptr<float>(), x.size(0), y.data_ptr<float>(), N, parse_isa(isa));
     return y;
 }
@@ -304,12 +306,13 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const std::string& isa) {
     const int64_t N = q.size(0), K = q.size(1);
     check_x(x, K);
-    TORCH_CHECK(q.scalar_type() == at::kChar && s.scalar_type() == at::kFloat && K % 32 == 0 &&
+    TORCH_CHECK(q.scalar_type() == at::kChar && s.scalar_type() == at::kHalf && K % 32 == 0 &&
                 (s.size(1) == 1 || s.size(1) == K / 32) && q.is_contiguous() && s.is_contiguous(),
                 "bad q8 weight layout: one scale per row or per 32");
     auto y = at::empty({x.size(0), N}, x.options());
     Weights W;
-    W.q = q.data_ptr<int8_t>(), W.s = s.data_ptr<float>(), W.groups = s.size(1), W.N = N, W.K = K;
+    W.q = q.data_ptr<int8_t>(), W.s = reinterpret_cast<const half*>(s.data_ptr<at::Half>()), W.groups = s.size(1);
+    W.N = N, W.K = K;
     matmul(W, x.data_ptr<float>(), x.size(0), y.data_ptr<float>(), N, parse_isa(isa));
     return y;
 }

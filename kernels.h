@@ -2,6 +2,8 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -20,13 +22,29 @@ Family family(Isa isa);
 //   f32  w [N, K]
 //   q4   qs [N, K/2] (llama.cpp's Q4_1 nibbles), d and m [N, K/32]: w = d * q + m
 //   q8   q [N, K] int8, s [N, groups] (groups 1 or K/32): w = s * q
+// The scales d, m and s are fp16, as GGUF stores them (half of what fp32 scales would add to each weight's bytes).
+using half = uint16_t;
 struct Weights {
     const float* w = nullptr;
     const uint8_t* qs = nullptr;
     const int8_t* q = nullptr;
-    const float *d = nullptr, *m = nullptr, *s = nullptr;
+    const half *d = nullptr, *m = nullptr, *s = nullptr;
     int64_t groups = 0, N = 0, K = 0;
 };
+
+// fp16 to fp32, exactly, on any CPU (the SIMD paths use F16C's instructions instead).
+inline float to_float(half h) {
+    const uint32_t sign = uint32_t(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+    float value;
+    if (exponent == 0) value = std::ldexp(float(mantissa), -24);                      // zero and subnormals
+    else if (exponent == 31) value = mantissa ? NAN : INFINITY;
+    else value = std::ldexp(float(mantissa | 0x400), int(exponent) - 25);
+    uint32_t bits;
+    std::memcpy(&bits, &value, 4);
+    bits |= sign;
+    std::memcpy(&value, &bits, 4);
+    return value;
+}
 
 // y[r * ldy + n] = sum_k x[r * K + k] * W[n, k] for r < M and n in [n0, n1), on the calling thread alone:
 // callers split the outputs between threads in multiples of 4. tile: scratch of 4 * K floats.

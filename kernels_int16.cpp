@@ -55,7 +55,7 @@ Activations to_fixed_point(const float* x, int64_t M, int64_t K) {
     }                                                                                                           \
     template <int R>                                                                                            \
     __attribute__((target(TARGET))) void q4_block_##NAME(const Activations& a, int64_t r0, int64_t K,           \
-            const uint8_t* qs, const float* d, const float* m, float* y, int64_t ldy, int64_t n0, int64_t n1) { \
+            const uint8_t* qs, const half* d, const half* m, float* y, int64_t ldy, int64_t n0, int64_t n1) {   \
         const int64_t G = K / 32;                                                                               \
         const __m256i low = _mm256_set1_epi16(15);                                                              \
         for (int64_t n = n0; n < n1; ++n) {                                                                     \
@@ -65,7 +65,7 @@ Activations to_fixed_point(const float* x, int64_t M, int64_t K) {
                 const __m256i bytes = _mm256_cvtepu8_epi16(                                                     \
                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + n * K / 2 + g * 16)));                \
                 const __m256i w0 = _mm256_and_si256(bytes, low), w1 = _mm256_srli_epi16(bytes, 4);              \
-                const float dg = d[n * G + g];                                                                  \
+                const float dg = _cvtsh_ss(d[n * G + g]);                                                       \
                 for (int r = 0; r < R; ++r) {                                                                   \
                     const int64_t i = (r0 + r) * G + g;                                                         \
                     acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dg * a.scale[i]),                                   \
@@ -77,16 +77,17 @@ Activations to_fixed_point(const float* x, int64_t M, int64_t K) {
                 __m256 mins = _mm256_setzero_ps();                                                              \
                 int64_t g = 0;                                                                                  \
                 for (; g + 8 <= G; g += 8)                                                                      \
-                    mins = _mm256_fmadd_ps(_mm256_loadu_ps(m + n * G + g), _mm256_loadu_ps(sums + g), mins);    \
+                    mins = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(                                     \
+                        reinterpret_cast<const __m128i*>(m + n * G + g))), _mm256_loadu_ps(sums + g), mins);    \
                 float tail = 0.f;                                                                               \
-                for (; g < G; ++g) tail += m[n * G + g] * sums[g];                                              \
+                for (; g < G; ++g) tail += _cvtsh_ss(m[n * G + g]) * sums[g];                                   \
                 y[(r0 + r) * ldy + n] = hsum_##NAME(acc[r]) + hsum_##NAME(mins) + tail;                         \
             }                                                                                                   \
         }                                                                                                       \
     }                                                                                                           \
     template <int R>                                                                                            \
     __attribute__((target(TARGET))) void q8_block_##NAME(const Activations& a, int64_t r0, int64_t K,           \
-            const int8_t* q, const float* s, int64_t groups, float* y, int64_t ldy, int64_t n0, int64_t n1) {   \
+            const int8_t* q, const half* s, int64_t groups, float* y, int64_t ldy, int64_t n0, int64_t n1) {    \
         const int64_t G = K / 32;                                                                               \
         for (int64_t n = n0; n < n1; ++n) {                                                                     \
             __m256 acc[R];                                                                                      \
@@ -96,7 +97,7 @@ Activations to_fixed_point(const float* x, int64_t M, int64_t K) {
                 const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));  \
                 const __m256i w1 = _mm256_cvtepi8_epi16(                                                        \
                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));                                 \
-                const float wscale = groups == 1 ? s[n] : s[n * G + g];                                         \
+                const float wscale = _cvtsh_ss(groups == 1 ? s[n] : s[n * G + g]);                             \
                 for (int r = 0; r < R; ++r) {                                                                   \
                     const int64_t i = (r0 + r) * G + g;                                                         \
                     acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(wscale * a.scale[i]),                               \
@@ -123,7 +124,7 @@ __attribute__((target(SLM_512))) inline __m512 dot_avx512(__m512i w, const int16
 
 template <int R>
 __attribute__((target(SLM_512))) void q4_block_avx512(const Activations& a, int64_t r0, int64_t K,
-        const uint8_t* qs, const float* d, const float* m, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+        const uint8_t* qs, const half* d, const half* m, float* y, int64_t ldy, int64_t n0, int64_t n1) {
     const int64_t G = K / 32;
     const __m256i low = _mm256_set1_epi16(15);
     for (int64_t n = n0; n < n1; ++n) {
@@ -134,7 +135,7 @@ __attribute__((target(SLM_512))) void q4_block_avx512(const Activations& a, int6
                 _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + n * K / 2 + g * 16)));
             const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(bytes, low)),
                                                  _mm256_srli_epi16(bytes, 4), 1);
-            const float dg = d[n * G + g];
+            const float dg = _cvtsh_ss(d[n * G + g]);
             for (int r = 0; r < R; ++r) {
                 const int64_t i = (r0 + r) * G + g;
                 acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(dg * a.scale[i]), dot_avx512(w, a.q.data() + i * 32),
@@ -146,9 +147,10 @@ __attribute__((target(SLM_512))) void q4_block_avx512(const Activations& a, int6
             __m512 mins = _mm512_setzero_ps();
             int64_t g = 0;
             for (; g + 16 <= G; g += 16)
-                mins = _mm512_fmadd_ps(_mm512_loadu_ps(m + n * G + g), _mm512_loadu_ps(sums + g), mins);
+                mins = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + n * G + g))),
+                                       _mm512_loadu_ps(sums + g), mins);
             float tail = 0.f;
-            for (; g < G; ++g) tail += m[n * G + g] * sums[g];
+            for (; g < G; ++g) tail += _cvtsh_ss(m[n * G + g]) * sums[g];
             y[(r0 + r) * ldy + n] = _mm512_reduce_add_ps(acc[r]) + _mm512_reduce_add_ps(mins) + tail;
         }
     }
@@ -156,14 +158,14 @@ __attribute__((target(SLM_512))) void q4_block_avx512(const Activations& a, int6
 
 template <int R>
 __attribute__((target(SLM_512))) void q8_block_avx512(const Activations& a, int64_t r0, int64_t K,
-        const int8_t* q, const float* s, int64_t groups, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+        const int8_t* q, const half* s, int64_t groups, float* y, int64_t ldy, int64_t n0, int64_t n1) {
     const int64_t G = K / 32;
     for (int64_t n = n0; n < n1; ++n) {
         __m512 acc[R];
         for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
         for (int64_t g = 0; g < G; ++g) {
             const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + n * K + g * 32)));
-            const float wscale = groups == 1 ? s[n] : s[n * G + g];
+            const float wscale = _cvtsh_ss(groups == 1 ? s[n] : s[n * G + g]);
             for (int r = 0; r < R; ++r) {
                 const int64_t i = (r0 + r) * G + g;
                 acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(wscale * a.scale[i]), dot_avx512(w, a.q.data() + i * 32),
@@ -193,7 +195,7 @@ void int16_slice(const Weights& W, const float* x, int64_t M, float* y, int64_t 
     const Activations a = to_fixed_point(x, M, K);  // each thread its own: a few rows, cheap beside the weights
     const uint8_t* qs = W.qs;
     const int8_t* q = W.q;
-    const float *d = W.d, *m = W.m, *s = W.s;
+    const half *d = W.d, *m = W.m, *s = W.s;
     const int64_t groups = W.groups;
     if (qs != nullptr) {
         if (isa == Isa::avx512_vnni) {

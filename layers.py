@@ -139,9 +139,10 @@ def time_dense_crossover() -> int:
 
 class QuantLinear(nn.Module):
     """y = x @ W.T without bias, W held as int4 ("q4": groups of 32, w = d * q + m, llama.cpp's Q4_1) or int8
-    ("q8": w = s * q, one scale per group). A few rows run the fused kernels of kernels.cpp on the quantized
-    weights; from dense_min_rows() rows (measured per machine) a GEMM on the dequantized weights is faster, so
-    those are made once and kept. Either way the numbers are the dequantized weights'."""
+    ("q8": w = s * q, one scale per group), the scales in fp16 as GGUF stores them. Eager passes run the kernels
+    of kernels.cpp on the quantized weights, or from dense_min_rows() rows (measured per machine, where MKL's
+    GEMM wins) a GEMM on the dequantized weights, made once and kept. Either way the numbers are the dequantized
+    weights'."""
 
     def __init__(self, fmt: str, out_features: int, in_features: int, **tensors: torch.Tensor):
         super().__init__()
@@ -162,7 +163,7 @@ class QuantLinear(nn.Module):
             w = self.d[ids].float()[..., None] * q + self.m[ids].float()[..., None]
         else:
             q = self.q[ids].float().view(*ids.shape, self.s.size(-1), -1)
-            w = self.s[ids][..., None] * q
+            w = self.s[ids].float()[..., None] * q
         return w.flatten(-2)
 
     def dequantize(self) -> torch.Tensor:
@@ -229,11 +230,11 @@ def quantize_q4(w: torch.Tensor) -> QuantLinear:
     d = (high - low) / 15
     q = ((groups - low[..., None]) / torch.where(d > 0, d, 1)[..., None] + 0.5).floor().clamp(0, 15).to(torch.uint8)
     qs = (q[..., :16] | (q[..., 16:] << 4)).reshape(N, K // 2)
-    return QuantLinear("q4", N, K, qs=qs.contiguous(), d=d.half().float(), m=low.half().float())
+    return QuantLinear("q4", N, K, qs=qs.contiguous(), d=d.half(), m=low.half())
 
 
 def quantize_q8(w: torch.Tensor) -> QuantLinear:
-    """int8, symmetric, one scale per output channel."""
-    s = w.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
-    q = (w.float() / s).round().clamp(-127, 127).to(torch.int8)
+    """int8, symmetric, one scale per output channel, stored in fp16 as llama.cpp stores its Q8_0 scales."""
+    s = (w.float().abs().amax(-1, keepdim=True).clamp(min=1e-4) / 127).half()
+    q = (w.float() / s.float()).round().clamp(-127, 127).to(torch.int8)
     return QuantLinear("q8", w.size(0), w.size(1), q=q, s=s)

@@ -63,7 +63,7 @@ def from_gguf_blocks(kind: str, data: torch.Tensor, shape: tuple[int, int]) -> Q
     blocks = data.view(N, K // 32, GGUF_BLOCK_BYTES[kind])
     scale = blocks[..., :2].contiguous().view(torch.float16).view(N, K // 32)
     if kind == "Q8_0":
-        return QuantLinear("q8", N, K, q=blocks[..., 2:].contiguous().view(torch.int8).view(N, K), s=scale.float())
+        return QuantLinear("q8", N, K, q=blocks[..., 2:].contiguous().view(torch.int8).view(N, K), s=scale)
     low = blocks[..., 2:4].contiguous().view(torch.float16).view(N, K // 32) if kind == "Q4_1" else -8 * scale
     qs = blocks[..., -16:].contiguous().view(N, K // 2)
-    return QuantLinear("q4", N, K, qs=qs, d=scale.float(), m=low.float())  # fp16 to fp32 is exact
+    return QuantLinear("q4", N, K, qs=qs, d=scale, m=low)  # -8 times an fp16 number is exact in fp16

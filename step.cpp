@@ -110,10 +110,15 @@ struct Linear {
         if (a.scalar_type() == at::kFloat) {
             W.w = a.data_ptr<float>(), W.K = a.size(1);
         } else if (a.scalar_type() == at::kByte) {
-            W.qs = a.data_ptr<uint8_t>(), W.d = b.data_ptr<float>(), W.m = c.data_ptr<float>(), W.K = a.size(1) * 2;
+            W.qs = a.data_ptr<uint8_t>(), W.d = scales(b), W.m = scales(c), W.K = a.size(1) * 2;
         } else {
-            W.q = a.data_ptr<int8_t>(), W.s = b.data_ptr<float>(), W.groups = b.size(1), W.K = a.size(1);
+            W.q = a.data_ptr<int8_t>(), W.s = scales(b), W.groups = b.size(1), W.K = a.size(1);
         }
+    }
+
+    static const half* scales(const at::Tensor& t) {
+        TORCH_CHECK(t.scalar_type() == at::kHalf && t.is_contiguous(), "quantized weights' scales must be fp16");
+        return reinterpret_cast<const half*>(t.data_ptr<at::Half>());
     }
 
     // Row `id` of W, dequantized (the embedding lookup of a tied, quantized head).
@@ -126,12 +131,13 @@ struct Linear {
             const uint8_t* q = W.qs + id * K / 2;
             for (int64_t g = 0; g < G; ++g)
                 for (int j = 0; j < 16; ++j) {
-                    out[g * 32 + j] = W.d[id * G + g] * float(q[g * 16 + j] & 15) + W.m[id * G + g];
-                    out[g * 32 + j + 16] = W.d[id * G + g] * float(q[g * 16 + j] >> 4) + W.m[id * G + g];
+                    const float d = to_float(W.d[id * G + g]), m = to_float(W.m[id * G + g]);
+                    out[g * 32 + j] = d * float(q[g * 16 + j] & 15) + m;
+                    out[g * 32 + j + 16] = d * float(q[g * 16 + j] >> 4) + m;
                 }
         } else {
             const int64_t group = K / W.groups;
-            for (int64_t j = 0; j < K; ++j) out[j] = W.s[id * W.groups + j / group] * float(W.q[id * K + j]);
+            for (int64_t j = 0; j < K; ++j) out[j] = to_float(W.s[id * W.groups + j / group]) * float(W.q[id * K + j]);
         }
     }
 };
