@@ -149,7 +149,7 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speculate", choices=("none", "ngram"), default="none",
                         help="ngram: draft tokens by finding the last few tokens earlier in the prompt and text, and "
                              "verify them in the same pass (same output; faster where the text repeats its input)")
-    parser.add_argument("--draft-tokens", type=positive(int), default=5, help="--speculate ngram: tokens per draft")
+    parser.add_argument("--draft-tokens", type=positive(int), default=8, help="--speculate ngram: tokens per draft")
     add_runtime_args(parser)
 
 

@@ -60,7 +60,7 @@ def number(body: dict, name: str, default, low: float, high: float, integer: boo
 
 
 def create_app(engine: EngineThread, tok: Tokenizer, model_name: str, api_key: str | None = None,
-               max_queue: int = 256, speculate: bool = False, draft_tokens: int = 5) -> FastAPI:
+               max_queue: int = 256, speculate: bool = False, draft_tokens: int = 8) -> FastAPI:
     """The API over an engine thread; speculate: n-gram drafts of draft_tokens for requests that do not say
     ("speculate": "ngram" or "none" in the body)."""
     app = FastAPI(title="slm", docs_url=None, redoc_url=None)

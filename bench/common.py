@@ -14,7 +14,7 @@ import torch
 from layers import bf16_gemms_run_in_fp32
 from machine import peak_matmul_flops
 
-PROMPT = "The quick brown fox jumps over the lazy dog while the sun sets behind the hills and"  # 16 SmolLM2 tokens
+PROMPT = "The quick brown fox jumps over the lazy dog while the sun sets behind the hills"  # 16 SmolLM2 tokens
 ROOT = Path(__file__).resolve().parent.parent
 CHAT_PROMPTS = ROOT / "prompts" / "chat.txt"
 
