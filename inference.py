@@ -227,8 +227,9 @@ def run(args: argparse.Namespace, prompts: list[list[int]], emit: Callable[[int,
 class Output:
     """Where results go, in input order, as they come: stdout, and --output (.jsonl or .md), flushed each time."""
 
-    def __init__(self, path: str | None, texts: list[str], prompts: list[list[int]], show: bool):
+    def __init__(self, path: str | None, texts: list[str], prompts: list[list[int]], show: bool, chat: bool = False):
         self.texts, self.prompts, self.show = texts, prompts, show
+        self.sep = "\n" if chat else ""  # a chat answer starts a line of its own; a continuation goes on
         self.file = None
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -238,10 +239,10 @@ class Output:
     def __call__(self, i: int, request: Request) -> None:
         text = self.texts[i]
         if self.show:
-            print(f"--- {text}{request.text}", flush=True)
+            print(f"--- {text}{self.sep}{request.text}", flush=True)
         if self.file is not None:
             if self.md:
-                self.file.write(f"### {text}\n\n```\n{text}{request.text}\n```\n\n")
+                self.file.write(f"### {text}\n\n```\n{text}{self.sep}{request.text}\n```\n\n")
             else:
                 self.file.write(json.dumps({"prompt": text, "completion": request.text, "prompt_ids": self.prompts[i],
                                             "completion_ids": request.tokens,
@@ -283,9 +284,9 @@ def main(argv: list[str] | None = None) -> None:
                 else f"use --max-new-tokens of at most {config.max_seq_len - 1}"
             raise ValueError(f"{e}; {fix}") from None
         single = len(prompts) == 1 and args.num_procs == 1
-        if single:
-            print(texts[0], end="", flush=True)
-        output = Output(args.output, texts, prompts, show=not single and not args.output)
+        if single:  # a continuation goes on from the prompt; a chat answer starts a line of its own
+            print(texts[0], end="\n" if args.chat else "", flush=True)
+        output = Output(args.output, texts, prompts, show=not single and not args.output, chat=args.chat)
         try:
             report = run(args, prompts, output, model, tok, (lambda piece: print(piece, end="", flush=True))
                          if single else None)
