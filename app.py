@@ -15,14 +15,14 @@ import gradio as gr
 
 from checkpoint import CheckpointError, load_model
 from config import ArgumentParser, add_inference_args, positive
-from engine import Engine, EngineThread, Request, encode_prompts
+from engine import Engine, EngineLoop, Request, encode_prompts
 from machine import prepare_process
 from tokenizer import Tokenizer
 
 MAX_PROMPT_CHARS = 4000
 
 
-def make_responder(engine: EngineThread, tok: Tokenizer, chat: bool):
+def make_responder(engine: EngineLoop, tok: Tokenizer, chat: bool):
     """respond(prompt, max_new_tokens, temperature, top_k, top_p) for the UI: yields (completion so far, status
     line) as the text streams in. Bad input and failed generations raise gr.Error, which the UI shows."""
     max_len = engine.engine.max_len
@@ -54,7 +54,7 @@ def make_responder(engine: EngineThread, tok: Tokenizer, chat: bool):
     return respond
 
 
-def build_app(engine: EngineThread, tok: Tokenizer, max_new_cap: int, chat: bool, title: str) -> gr.Blocks:
+def build_app(engine: EngineLoop, tok: Tokenizer, max_new_cap: int, chat: bool, title: str) -> gr.Blocks:
     model = engine.engine.model
     max_new_cap = min(max_new_cap, engine.engine.max_len - 1)
     respond = make_responder(engine, tok, chat)
@@ -97,9 +97,13 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--chat: this checkpoint has no chat template")
     # Rows as long as a capped prompt (~1 token per 4 characters) plus the new tokens, within the context.
     max_len = min(model.config.max_seq_len, MAX_PROMPT_CHARS // 2 + args.max_new_tokens)
-    engine = EngineThread(Engine(model, rows=args.batch_size, max_len=max_len, tokenizer=tok, step=args.step))
+    engine = EngineLoop(Engine(model, rows=args.batch_size, max_len=max_len, tokenizer=tok, step=args.step))
     app = build_app(engine, tok, args.max_new_tokens, args.chat, title=f"slm · {args.checkpoint}")
-    app.queue().launch(server_name=args.host, server_port=args.port, show_error=True)
+    app.queue().launch(server_name=args.host, server_port=args.port, show_error=True, prevent_thread_lock=True)
+    try:
+        engine.run_forever()  # in the main thread (see EngineLoop); the app serves from its own threads
+    except KeyboardInterrupt:
+        pass
 
 
 if __name__ == "__main__":

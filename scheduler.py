@@ -32,7 +32,7 @@ class Request:
     ignore_eos: bool = False
     speculate: int = 0                     # draft tokens per step from n-gram lookup (0: none); same output
     on_text: Callable[[str], None] | None = None  # streamed text pieces, whole characters, stop strings held back
-    on_done: Callable[[Request], None] | None = None  # called by EngineThread when it finishes
+    on_done: Callable[[Request], None] | None = None  # called by EngineLoop when it finishes
     id: object = None                      # the caller's own handle
     cancelled: bool = False                # set from any thread: the row is freed at the next step
     # ---

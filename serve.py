@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -22,7 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from checkpoint import CheckpointError, describe_weights, load_model
 from config import ArgumentParser, add_inference_args, positive
-from engine import Engine, EngineThread, LengthError, Request, check_lengths
+from engine import Engine, EngineLoop, LengthError, Request, check_lengths
 from machine import MACHINE, prepare_process
 from tokenizer import Tokenizer
 
@@ -59,7 +60,7 @@ def number(body: dict, name: str, default, low: float, high: float, integer: boo
     return value
 
 
-def create_app(engine: EngineThread, tok: Tokenizer, model_name: str, api_key: str | None = None,
+def create_app(engine: EngineLoop, tok: Tokenizer, model_name: str, api_key: str | None = None,
                max_queue: int = 256, speculate: bool = False, draft_tokens: int = 8) -> FastAPI:
     """The API over an engine thread; speculate: n-gram drafts of draft_tokens for requests that do not say
     ("speculate": "ngram" or "none" in the body)."""
@@ -248,12 +249,23 @@ def main(argv: list[str] | None = None) -> None:
     path = Path(args.checkpoint)
     name = args.model_name or (path.parent.name if path.suffix == ".ckpt" else path.name)
     max_len = min(args.max_len, model.config.max_seq_len)
-    engine = EngineThread(Engine(model, rows=args.batch_size, max_len=max_len, tokenizer=tok, step=args.step))
+    engine = EngineLoop(Engine(model, rows=args.batch_size, max_len=max_len, tokenizer=tok, step=args.step))
+    app = create_app(engine, tok, name, args.api_key, args.max_queue, args.speculate == "ngram", args.draft_tokens)
+    # HTTP in a thread of its own; the engine steps in the main thread (see EngineLoop).
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    http = threading.Thread(target=server.run, daemon=True, name="http")
+    http.start()
+    while not server.started:
+        if not http.is_alive():
+            p.exit(1, f"error: could not serve on {args.host}:{args.port}; pick another --port\n")
+        time.sleep(0.05)
     print(f"serving {name} ({model.num_params():,} parameters, {args.batch_size} rows of {max_len} tokens, "
           f"{describe_weights(model)}, {engine.engine.runner.step} step) at http://{args.host}:{args.port}/v1",
           flush=True)
-    uvicorn.run(create_app(engine, tok, name, args.api_key, args.max_queue, args.speculate == "ngram",
-                           args.draft_tokens), host=args.host, port=args.port, log_level="warning")
+    try:
+        engine.run_forever()
+    except KeyboardInterrupt:
+        pass
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from playwright.sync_api import expect, sync_playwright
 import app
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from config import get_config
-from engine import Engine, EngineThread, generate
+from engine import Engine, EngineLoop, generate
 from model import GPT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,7 +106,7 @@ def test_binds_to_loopback_by_default(app_port):
 def responder(checkpoint):
     model, tok = model_from_checkpoint(load_checkpoint(checkpoint))
     engine = Engine(model, rows=2, max_len=128, tokenizer=tok)
-    return engine, app.make_responder(EngineThread(engine), tok, chat=False)
+    return engine, app.make_responder(EngineLoop(engine).start(), tok, chat=False)
 
 
 def test_prompt_over_the_cap_is_refused(responder):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from config import get_config
-from engine import Engine, EngineThread, Request, generate
+from engine import Engine, EngineLoop, Request, generate
 from model import GPT
 
 
@@ -162,7 +162,7 @@ def test_engine_thread_survives_a_failed_step(model, monkeypatch):
             raise RuntimeError("simulated kernel failure")
         return forward(*args)
     monkeypatch.setattr(engine.runner, "forward", failing_once)
-    thread = EngineThread(engine)
+    thread = EngineLoop(engine).start()
     done = []
     broken = thread.submit(Request([1, 2, 3], 10, on_done=done.append))
     deadline = time.time() + 30
