@@ -104,6 +104,38 @@ def quant_kernel() -> str:
     return MACHINE.decide("quant_kernel", lambda: kernel_isas()[0])
 
 
+def int16_kernel() -> str:
+    """The int16 kernels (activations rounded to 16 bits) that passes of a few tokens take, or "none"."""
+    return MACHINE.decide("int16_kernel", lambda: next((i for i in kernel_isas() if "vnni" in i or "int16" in i),
+                                                       "none"))
+
+
+def int16_rows() -> int:
+    return MACHINE.decide("int16_rows", time_int16_crossover)
+
+
+def time_int16_crossover() -> int:
+    """Up to how many rows the int16 kernel beats the exact one on this machine (timed in turns on SmolLM2's
+    1536 x 576 int4 layer, which streams from memory at one row): it reads and unpacks each weight once with
+    fewer floating-point operations, while from a few rows on the exact kernel's tiles dequantize once for all.
+    It must win by 10%."""
+    if int16_kernel() == "none":
+        return 0
+    g = torch.Generator().manual_seed(0)
+    weights = [quantize_q4(torch.randn(1536, 576, generator=g)) for _ in range(16)]  # 16 MB: past the caches
+    exact, int16, best = quant_kernel(), int16_kernel(), 0
+    for rows in (1, 2, 4, 8, 16):
+        x = torch.randn(rows, 576, generator=g)
+        times = {isa: [] for isa in (exact, int16)}
+        for _ in range(3):
+            for isa in times:
+                times[isa].append(best_time(lambda: [torch.ops.slm.q4_linear(x, m.qs, m.d, m.m, isa) for m in weights]))
+        if min(times[int16]) >= 0.9 * min(times[exact]):
+            break
+        best = rows
+    return best
+
+
 def kernel_isas() -> list[str]:
     """The instruction sets of kernels.cpp this CPU can run, best first, capped where ATen's own kernels are
     (ATEN_CPU_CAPABILITY=avx2 or default), so that a machine capped to emulate a smaller one runs its kernels."""

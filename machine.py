@@ -28,7 +28,9 @@ import torch
 CHOICES: dict[str, tuple[type, str]] = {
     "bf16_gemms_in_fp32": (bool, "bf16 GEMMs run on the fp32 kernel, where this CPU's bf16 unit is the slower"),
     "dense_min_rows": (int, "rows from which a quantized layer runs a GEMM on its dequantized weights"),
-    "quant_kernel": (str, "the int8/int4 kernels' instruction set (the best this CPU has, or plain)"),
+    "quant_kernel": (str, "the exact int8/int4 kernels' instruction set (the best this CPU has, or plain)"),
+    "int16_kernel": (str, "the int16 kernels for passes of a few tokens (the best this CPU has, or none)"),
+    "int16_rows": (int, "passes of up to this many tokens (drafts aside) take the int16 kernels: they win there"),
 }
 ENV = "SLM_MACHINE"
 CACHE = Path(__file__).resolve().parent / ".cache"

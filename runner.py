@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from config import STEPS
-from layers import QuantEmbedding, QuantLinear, dense_min_rows, quant_kernel, quant_ops
+from layers import QuantEmbedding, QuantLinear, dense_min_rows, int16_kernel, int16_rows, quant_kernel, quant_ops
 from model import GPT, Decode, Prefill
 from scheduler import Batch, Sequence
 
@@ -86,6 +86,7 @@ class ModelRunner:
         self.compiled = self.step == "compiled"
         self.decode_step = compile_decode_step(model) if self.compiled else model.decode_step
         self.fused = fused_model(model) if self.step == "fused" else None
+        self.quantized = any(isinstance(m, QuantLinear) for m in model.modules())
 
     @property
     def compile_seconds(self) -> float:
@@ -104,9 +105,13 @@ class ModelRunner:
             positions = [slot for _, slot in decode] + [start + j for _, start, tokens in pieces
                                                         for j in range(len(tokens))]
             at = list(range(len(decode))) + logits_at(batch, len(decode))
+            # A pass of a few tokens takes the int16 kernels where they win (machine.py), counting decode and
+            # prompt tokens only: a draft is verified on the kernels its row's lone decode token would take.
+            plain = max(1, len(decode) + sum(len(tokens) for _, _, tokens in batch.chunks))
+            few = self.quantized and int16_kernel() != "none" and plain <= int16_rows()
+            isa = int16_kernel() if few else quant_kernel()
             logits = self.fused.forward(*(torch.tensor(v) for v in (ids, rows, positions, at)),
-                                        [k for k, _ in self.kv_cache], [v for _, v in self.kv_cache],
-                                        quant_kernel())
+                                        [k for k, _ in self.kv_cache], [v for _, v in self.kv_cache], isa)
             return Logits.split(logits, batch)
         chunks = prefill_part(pieces, self.device) if pieces else None
         span = self.rows if self.compiled else batch.span

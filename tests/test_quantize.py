@@ -57,7 +57,7 @@ def test_fused_step_of_a_quantized_model_equals_the_eager_pass(machine, mode, ge
     first = Batch(chunks=[(0, 0, prompts[0]), (2, 0, prompts[2])], decode=[], sampled=[], span=3, length=5)
     second = Batch(chunks=[(1, 0, prompts[1])], decode=[(9, 3), (0, 0), (4, 5)], sampled=[0, 2], span=3, length=7)
     for isa in kernel_isas():
-        machine.pin(f"quant_kernel={isa},dense_min_rows={gemm_rows}")
+        machine.pin(f"quant_kernel={isa},dense_min_rows={gemm_rows},int16_rows=0")
         got = {}
         for step in ("eager", "fused"):
             runner = ModelRunner(model, rows=3, max_len=16, step=step)
@@ -69,3 +69,28 @@ def test_fused_step_of_a_quantized_model_equals_the_eager_pass(machine, mode, ge
                 if a is not None:
                     tolerance = 1e-3 if "int16" in isa or "vnni" in isa else 1e-5
                     assert (a - b).abs().max() <= tolerance * a.abs().max(), (isa, gemm_rows)
+
+
+def test_passes_of_a_few_tokens_take_the_int16_kernels_and_drafts_go_with_their_row(machine, monkeypatch):
+    """With int16_rows pinned at 2, a pass of up to 2 decode and prompt tokens runs the int16 kernels, a larger
+    one the exact ones, and a row's draft tokens do not count: a verify pass runs what its decode token would."""
+    from layers import kernel_isas
+    from runner import ModelRunner
+    from scheduler import Batch
+
+    int16 = [isa for isa in kernel_isas() if "vnni" in isa or "int16" in isa]
+    if not int16:  # this CPU has no int16 kernels: the exact kernels take every pass
+        int16 = ["none"]
+    machine.pin(f"quant_kernel=plain,int16_kernel={int16[0]},int16_rows=2")
+    model = quantize_model(GPT(small_config(vocab_size=128, d_model=64, ffn_hidden=96)).eval(), "int4")
+    runner = ModelRunner(model, rows=3, max_len=16, step="fused")
+    ran, forward = [], runner.fused.forward
+    monkeypatch.setattr(runner, "fused", type("Spy", (), {"forward": lambda self, *a: ran.append(a[-1]) or
+                                                          forward(*a)})())
+    with torch.no_grad():
+        runner.forward(Batch([(0, 0, [1, 2])], [], [], 1, 2), [None] * 3)                 # 2 prompt tokens
+        runner.forward(Batch([(1, 0, [1, 2, 3])], [], [], 2, 3), [None] * 3)              # 3
+        runner.forward(Batch([], [(5, 2)], [0], 1, 3), [None] * 3)                         # 1 decode token
+        runner.forward(Batch([], [], [], 1, 8, verify=[(0, 3, [5, 6, 7, 8, 9])]), [None] * 3)  # a draft alone
+    fast = int16[0] if int16[0] != "none" else "plain"
+    assert ran == [fast, "plain", fast, fast]
