@@ -88,8 +88,12 @@ class Engine:
             verified = [running[row] for row, _, _ in batch.verify]
             for seq, (_, _, tokens), verify_logits in zip(verified, batch.verify, logits.verify):
                 taken.append(self.runner.accept(seq, tokens[1:], verify_logits))
+                kept = len(taken[-1]) - 1
                 self.stats["drafted"] += len(tokens) - 1
-                self.stats["accepted"] += len(taken[-1]) - 1
+                self.stats["accepted"] += kept
+                # The next draft: twice as long after a whole draft was kept, one past what was kept otherwise,
+                # so that a row whose drafts keep failing verifies few tokens (each costs a row of the pass).
+                seq.draft_len = min(seq.request.speculate, 2 * seq.draft_len if kept == len(tokens) - 1 else kept + 1)
             compiled = self.runner.compile_seconds - compiling
             self.stats["compile_s"] += compiled
             self.stats["decode_s" if live or verified else "prefill_s"] += time.perf_counter() - t0 - compiled

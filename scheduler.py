@@ -76,6 +76,7 @@ class Sequence:
     def __init__(self, request: Request, row: int):
         self.request, self.row, self.filled, self.next_token = request, row, 0, None
         self.generator = None  # the runner's sampling state, made at the first sampled token
+        self.draft_len = request.speculate  # how many tokens its next draft may have (engine.py adapts it)
         self.decoder = None    # the engine's StreamDecoder, where it has a tokenizer
         self.text, self.sent = "", 0  # decoded so far; how much of it on_text has had
 
@@ -201,7 +202,7 @@ def draft(seq: Sequence, max_len: int, longest: int = 3) -> list[int]:
     it may still make, or the cache still holds."""
     r = seq.request
     tokens = r.prompt + r.tokens
-    room = min(r.speculate, r.max_new_tokens - len(r.tokens) - 1, max_len - len(tokens))
+    room = min(seq.draft_len, r.max_new_tokens - len(r.tokens) - 1, max_len - len(tokens))
     for n in range(min(longest, len(tokens) - 1), 0, -1) if room > 0 else ():
         key = tokens[-n:]
         for start in range(len(tokens) - n - 1, -1, -1):
