@@ -40,3 +40,21 @@ def machine():
     saved = dict(MACHINE.values), dict(MACHINE.how)
     yield MACHINE
     MACHINE.values, MACHINE.how = saved
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; deselected, with the reason printed, where none is")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The gpu tests run where a GPU is visible and must pass there; elsewhere they are deselected (not skipped:
+    the CPU suite never skips), and the run says so."""
+    import torch
+
+    gpu = [item for item in items if "gpu" in item.keywords]
+    if gpu and not torch.cuda.is_available():
+        items[:] = [item for item in items if "gpu" not in item.keywords]
+        config.hook.pytest_deselected(items=gpu)
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"{len(gpu)} gpu tests deselected: no CUDA GPU is visible here")

@@ -46,7 +46,8 @@ def checkpoint(small_tokenizer, tmp_path_factory):
 @pytest.fixture(scope="module")
 def app_port(checkpoint, tmp_path_factory):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "app.py", "--checkpoint", str(checkpoint), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "app.py", "--checkpoint", str(checkpoint), "--port", str(port),
+                             "--device", "cpu"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={"GRADIO_ANALYTICS_ENABLED": "False", "PATH": "/usr/bin:/bin",
                                  "HOME": str(tmp_path_factory.mktemp("home"))})

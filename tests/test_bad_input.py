@@ -79,7 +79,8 @@ CNV = "convert.py"
 TOK = "tokenizer.py"
 TRAIN_SMALL = ["--tokenizer", "{ws}/tok.json", "--vocab-size", "512", "--n-layer", "1", "--d-model", "64",
                "--n-head", "4", "--n-kv-head", "2", "--ffn-hidden", "128", "--max-seq-len", "64",
-               "--out-dir", "{ws}/new", "--data-dir", "{ws}/data", "--max-steps", "3", "--peak-flops", "1e12"]
+               "--out-dir", "{ws}/new", "--data-dir", "{ws}/data", "--max-steps", "3", "--peak-flops", "1e12",
+               "--device", "cpu"]
 RESUME = ["--out-dir", "{ws}/runs", "--run-name", "run", "--resume"]
 
 CASES = [
@@ -118,6 +119,8 @@ CASES = [
     ("top-p zero", INF, ["--checkpoint", "{ws}/good", "--top-p", "0"], 2, "--top-p must be in (0, 1]"),
     ("top-p above one", INF, ["--checkpoint", "{ws}/good", "--top-p", "1.2"], 2, "--top-p must be in (0, 1]"),
     ("unknown device", INF, ["--checkpoint", "{ws}/good", "--device", "tpu"], 2, "unknown --device 'tpu'"),
+    ("unknown training device", TRN, ["--device", "gpu0"], 2, "unknown --device 'gpu0'"),
+    ("a GPU that is not there", TRN, ["--device", "cuda:99"], 2, "--device cuda:99 but"),
     ("unknown inference dtype", INF, ["--checkpoint", "{ws}/good", "--dtype", "int3"], 2, "invalid choice"),
     ("missing prompts file", INF, ["--checkpoint", "{ws}/good", "--prompts-file", "{ws}/none.txt"], 1,
      "prompts file not found"),

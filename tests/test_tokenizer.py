@@ -1,8 +1,8 @@
 import json
 import random
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 from tokenizer import EOT, PAD, StreamDecoder, Tokenizer
 

@@ -25,7 +25,7 @@ def small_run(tok_path, out_dir, *extra):
     # AdamW + cosine unless a test asks for Muon or WSD (tiny's defaults), so each test keeps one recipe. Muon's
     # Newton-Schulz runs in fp32 whatever this CPU's bf16 rate (machine.py's choice, pinned): its bf16 iteration
     # turns the all-reduce's rounding into differences of 1e-4 after 3 steps.
-    return ["--machine", "bf16_gemms_in_fp32=1", "--optimizer", "adamw", "--schedule", "cosine",
+    return ["--device", "cpu", "--machine", "bf16_gemms_in_fp32=1", "--optimizer", "adamw", "--schedule", "cosine",
             "--n-layer", "2", "--d-model", "64", "--n-head", "4", "--n-kv-head", "2", "--ffn-hidden", "128",
             "--vocab-size", "512", "--max-seq-len", "64", "--tokenizer", str(tok_path), "--dtype", "fp32",
             "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "1000", "--peak-flops", "1e12",
@@ -180,7 +180,15 @@ def test_time_budget_is_spent_even_when_the_first_steps_are_slow(tok_path, tmp_p
         assert lrs.count(max(lrs)) > 0.5 * len(lrs)
 
 
-def test_mfu_is_never_above_100_percent(tok_path, tmp_path, capsys):
+def test_the_peak_is_the_fastest_of_its_timings(monkeypatch):
+    """MFU's denominator: 2 n^3 over the fastest of the timed matmuls (after a warm-up that is not timed), so a
+    slow moment cannot lower it. The clock is scripted: the timed calls take 0.5, 0.2 and 0.3 s."""
+    ticks = iter([0.0, 0.5, 10.0, 10.2, 20.0, 20.3])
+    monkeypatch.setattr(time, "perf_counter", lambda: next(ticks))
+    assert peak_matmul_flops(torch.device("cpu"), torch.float32, n=64, repeats=3) == pytest.approx(2 * 64 ** 3 / 0.2)
+
+
+def test_a_step_faster_than_the_peak_makes_it_timed_again(tok_path, tmp_path, capsys):
     """A peak that is far too low (as if timed while the machine was busy) is re-measured, and said so."""
     argv = small_run(tok_path, tmp_path, "--max-steps", "3", "--micro-batch", "4", "--tokens-per-step", "256",
                      "--log-every", "1")
@@ -223,3 +231,18 @@ def test_flops_per_token_counts_head_once():
         lookup = 0 if tied else cfg.vocab_size * cfg.d_model
         assert train.flops_per_token(cfg, 256, n) == 6 * (n - lookup) + 12 * cfg.n_layer * cfg.d_model * 256
     assert math.isfinite(peak_matmul_flops(torch.device("cpu"), torch.float32))
+
+
+def test_hiding_the_gpus_changes_nothing(tok_path, tmp_path):
+    """With --device cpu, CUDA_VISIBLE_DEVICES="" (no GPU to see) gives the same run, bit for bit."""
+    runs = []
+    for name, hidden in (("seen", None), ("hidden", "")):
+        env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+        if hidden is not None:
+            env["CUDA_VISIBLE_DEVICES"] = hidden
+        done = subprocess.run([sys.executable, "train.py", *small_run(tok_path, tmp_path / name, "--max-steps", "2",
+                               "--micro-batch", "4", "--tokens-per-step", "256")], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append(load_checkpoint(tmp_path / name / "run" / "last.ckpt"))
+    assert_same_run(*runs, atol=0)
