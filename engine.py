@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -38,9 +39,10 @@ class Engine:
         self.eos_id = tokenizer.eos_id if eos_id is None and tokenizer is not None else eos_id
         # prefill_s: passes with prompt chunks only; decode_s: passes that made tokens (chunks may ride along);
         # compile_s: torch.compile's time in them, left out of both
-        # drafted / accepted: speculative draft tokens verified, and those kept
+        # drafted / accepted: speculative draft tokens verified, and those kept; finished: requests by reason
         self.stats = {"prefill_tokens": 0, "prefill_s": 0.0, "new_tokens": 0, "decode_s": 0.0, "steps": 0,
-                      "decode_steps": 0, "decoded_row_steps": 0, "compile_s": 0.0, "drafted": 0, "accepted": 0}
+                      "decode_steps": 0, "decoded_row_steps": 0, "compile_s": 0.0, "drafted": 0, "accepted": 0,
+                      "finished": Counter()}
 
     # --- the public surface ------------------------------------------------------------------------
     def add(self, request: Request) -> Request:
@@ -72,6 +74,7 @@ class Engine:
         admitted, given_up = self.scheduler.admit()
         for request in given_up:
             request.finish_reason, request.finished_at = "cancelled", time.perf_counter()
+            self.stats["finished"]["cancelled"] += 1
             finished.append(request)
         for seq in admitted:
             seq.decoder = StreamDecoder(self.tok) if self.tok is not None else None
@@ -178,6 +181,7 @@ class Engine:
             if r.on_text is not None and r.text.startswith(seq.text[:seq.sent]) and len(r.text) > seq.sent:
                 r.on_text(r.text[seq.sent:])
         r.finish_reason, r.finished_at = reason, time.perf_counter()
+        self.stats["finished"][reason] += 1
         self.scheduler.free(seq)
         finished.append(r)
 

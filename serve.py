@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -64,7 +64,16 @@ def create_app(engine: EngineLoop, tok: Tokenizer, model_name: str, api_key: str
                max_queue: int = 256, speculate: bool = False, draft_tokens: int = 8) -> FastAPI:
     """The API over an engine thread; speculate: n-gram drafts of draft_tokens for requests that do not say
     ("speculate": "ngram" or "none" in the body)."""
-    app = FastAPI(title="slm", docs_url=None, redoc_url=None)
+    async def check_key_and_size(request: HTTPRequest):
+        # a dependency, not an @app.middleware: that wrapper hides a client's disconnect from the handler
+        if api_key is not None and request.url.path.startswith("/v1/") and \
+                request.headers.get("authorization") != f"Bearer {api_key}":
+            raise APIError(401, "missing or wrong API key; send the header 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+            raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
+
+    app = FastAPI(title="slm", docs_url=None, redoc_url=None, dependencies=[Depends(check_key_and_size)])
     created = int(time.time())
     max_len = engine.engine.max_len
 
@@ -72,23 +81,11 @@ def create_app(engine: EngineLoop, tok: Tokenizer, model_name: str, api_key: str
     async def api_error(_, e: APIError):
         return error_response(e)
 
-    @app.middleware("http")
-    async def check_key_and_size(request: HTTPRequest, call_next):
-        try:
-            if api_key is not None and request.url.path.startswith("/v1/") and \
-                    request.headers.get("authorization") != f"Bearer {api_key}":
-                raise APIError(401, "missing or wrong API key; send the header 'Authorization: Bearer KEY'",
-                               code="invalid_api_key")
-            if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-                raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
-        except APIError as e:
-            return error_response(e)
-        return await call_next(request)
-
     @app.get("/health")
     async def health():
         e = engine.engine
         return {"status": "ok", "active_rows": e.active(), "queued": e.queued(), "rows": e.rows,
+                "generated_tokens": e.stats["new_tokens"], "finished": dict(e.stats["finished"]),
                 "machine": MACHINE.summary()}
 
     @app.get("/v1/models")
@@ -139,6 +136,9 @@ def create_app(engine: EngineLoop, tok: Tokenizer, model_name: str, api_key: str
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise APIError(400, f"'seed' must be an integer, not {seed!r}", "seed")
         top_k = number(body, "top_k", 0, 0, tok.vocab_size, integer=True)
+        ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: always max_tokens (benchmarks)
+        if not isinstance(ignore_eos, bool):
+            raise APIError(400, f"'ignore_eos' must be true or false, not {ignore_eos!r}", "ignore_eos")
         speculating = body.get("speculate", "ngram" if speculate else "none")
         if speculating not in ("ngram", "none"):
             raise APIError(400, f"'speculate' must be \"ngram\" or \"none\", not {speculating!r}", "speculate")
@@ -147,11 +147,12 @@ def create_app(engine: EngineLoop, tok: Tokenizer, model_name: str, api_key: str
                            headers={"Retry-After": "1"})
         return Request(ids, max_tokens, number(body, "temperature", 1.0, 0, 2), top_k or None,
                        number(body, "top_p", 1.0, 0, 1, open_low=True), seed=seed, stop=tuple(stop),
-                       speculate=draft_tokens if speculating == "ngram" else 0)
+                       speculate=draft_tokens if speculating == "ngram" else 0, ignore_eos=ignore_eos)
 
     async def respond(request: HTTPRequest, body: dict, gen: Request, chat: bool):
         loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
-        gen.on_text = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)
+        if body.get("stream"):
+            gen.on_text = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)
         gen.on_done = lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         head = {"id": rid, "created": int(time.time()), "model": model_name}
@@ -187,10 +188,9 @@ def create_app(engine: EngineLoop, tok: Tokenizer, model_name: str, api_key: str
                     gen.cancelled = True
             return StreamingResponse(events(), media_type="text/event-stream")
         try:
-            while True:  # wait for the result, but give up the row if the client disconnects
+            while True:  # wait for the result (only None comes), but give up the row if the client disconnects
                 try:
-                    while await asyncio.wait_for(pieces.get(), timeout=0.5) is not None:
-                        pass
+                    await asyncio.wait_for(pieces.get(), timeout=0.5)
                     break
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():

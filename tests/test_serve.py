@@ -158,18 +158,6 @@ def wait_for_idle(url: str, timeout: float = 30) -> dict:
     return health
 
 
-def test_clients_that_disconnect_mid_stream_free_their_rows(server, client):
-    body = {"model": "tiny-chat", "prompt": QUESTIONS[3], "max_tokens": 200, "temperature": 0, "stream": True}
-    for _ in range(20):
-        with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=30) as response:
-            assert response.status_code == 200
-            for n, _ in enumerate(response.iter_lines()):
-                if n == 4:
-                    break  # leave after a few chunks, long before 200 tokens
-    assert wait_for_idle(server)["rows"] == 8
-    assert client.completions.create(model="tiny-chat", prompt="O", max_tokens=5, temperature=0).choices[0].text
-
-
 BAD = [  # (json body or raw bytes, status, text in the message)
     (b"{not json", 400, "not valid JSON"),
     ({"prompt": "hi"}, 400, "must provide a model"),
@@ -186,6 +174,7 @@ BAD = [  # (json body or raw bytes, status, text in the message)
     ({"model": "tiny-chat", "prompt": "hi", "n": 2}, 400, "'n' must be 1"),
     ({"model": "tiny-chat", "prompt": "hi", "logprobs": 3}, 400, "'logprobs' is not supported"),
     ({"model": "tiny-chat", "prompt": "hi", "stop": [""]}, 400, "'stop' must be"),
+    ({"model": "tiny-chat", "prompt": "hi", "ignore_eos": "yes"}, 400, "'ignore_eos' must be true or false"),
 ]
 
 
@@ -207,35 +196,84 @@ def test_bad_chat_requests_through_the_client(client):
     assert client.models.list().data[0].id == "tiny-chat"
 
 
-def test_api_key_and_a_full_queue(checkpoint):
-    """--api-key: 401 without or with a wrong key. --max-queue 1 with one row: a burst gets 429 + Retry-After."""
-    proc, url = start_server(checkpoint, "--api-key", "sekrit", "--batch-size", "1", "--max-queue", "1")
-    try:
-        for key in ("wrong", None):
-            headers = {"Authorization": f"Bearer {key}"} if key else {}
-            response = httpx.post(f"{url}/v1/completions", json={"model": "tiny-chat", "prompt": "hi"},
-                                  headers=headers)
-            assert response.status_code == 401 and "API key" in response.json()["error"]["message"]
-        with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
-        good = openai.OpenAI(base_url=f"{url}/v1", api_key="sekrit", max_retries=0, timeout=60)
-        statuses, retry_after = [], []
+@pytest.fixture(scope="module")
+def slow_server(small_tokenizer, tmp_path_factory):
+    """One row, a queue of one, an API key, and a model slow enough (4000 tokens take seconds) that a client
+    leaving early is seen long before its request could end by itself."""
+    torch.manual_seed(0)
+    cfg = get_config("tiny", vocab_size=512, n_layer=4, d_model=256, n_head=4, n_kv_head=2, ffn_hidden=512,
+                     max_seq_len=4096, init_std=0.2, tie_embeddings=False)
+    path = tmp_path_factory.mktemp("serve") / "slow"
+    save_checkpoint(path / "last.ckpt", {"model": GPT(cfg).state_dict(), "config": cfg.to_dict(),
+                                         "tokenizer": small_tokenizer.to_str()})
+    proc, url = start_server(path, "--api-key", "sekrit", "--batch-size", "1", "--max-queue", "1",
+                             "--max-len", "4096")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
 
-        def ask():
-            response = httpx.post(f"{url}/v1/completions", headers={"Authorization": "Bearer sekrit"},
-                                  json={"model": "tiny-chat", "prompt": "to be", "max_tokens": 200,
-                                        "temperature": 0}, timeout=120)
-            statuses.append(response.status_code)
-            retry_after.append(response.headers.get("retry-after"))
-        threads = [threading.Thread(target=ask) for _ in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
-        assert statuses.count(200) >= 2 and 429 in statuses
-        assert all(r == "1" for s, r in zip(statuses, retry_after) if s == 429)
-        wait_for_idle(url)
-        assert good.completions.create(model="tiny-chat", prompt="O", max_tokens=3, temperature=0).choices[0].text
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+
+KEY = {"Authorization": "Bearer sekrit"}
+LONG = {"model": "slow", "prompt": "to be", "max_tokens": 4000, "ignore_eos": True, "temperature": 0}
+
+
+def health(url: str) -> dict:
+    return httpx.get(f"{url}/health").json()
+
+
+def test_api_key(slow_server):
+    for key in ("wrong", None):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        response = httpx.post(f"{slow_server}/v1/completions", json={"model": "slow", "prompt": "hi"},
+                              headers=headers)
+        assert response.status_code == 401 and "API key" in response.json()["error"]["message"]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{slow_server}/v1", api_key="wrong", max_retries=0).models.list()
+    good = openai.OpenAI(base_url=f"{slow_server}/v1", api_key="sekrit", max_retries=0, timeout=60)
+    assert good.completions.create(model="slow", prompt="O", max_tokens=3, temperature=0).usage.completion_tokens
+
+
+def test_streams_left_early_are_cancelled(slow_server):
+    """Each client reads 4 chunks of a 4000-token stream and leaves: its request ends as cancelled, and the
+    server makes a small part of the 40000 tokens asked for."""
+    before = wait_for_idle(slow_server)
+    for _ in range(10):
+        with httpx.stream("POST", f"{slow_server}/v1/completions", json=LONG | {"stream": True}, headers=KEY,
+                          timeout=30) as response:
+            assert response.status_code == 200
+            for n, _ in enumerate(response.iter_lines()):
+                if n == 4:
+                    break
+    after = wait_for_idle(slow_server)
+    assert after["finished"].get("cancelled", 0) - before["finished"].get("cancelled", 0) == 10
+    assert after["finished"].get("length", 0) == before["finished"].get("length", 0)
+    assert after["generated_tokens"] - before["generated_tokens"] < 10 * 4000 // 4
+
+
+def test_a_client_that_stops_waiting_for_a_whole_answer_frees_its_row(slow_server):
+    before = wait_for_idle(slow_server)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{slow_server}/v1/completions", json=LONG, headers=KEY, timeout=httpx.Timeout(30, read=0.3))
+    after = wait_for_idle(slow_server)
+    assert after["finished"].get("cancelled", 0) - before["finished"].get("cancelled", 0) == 1
+    assert after["generated_tokens"] - before["generated_tokens"] < 4000
+
+
+def test_a_full_queue_gets_429_and_a_huge_body_413(slow_server):
+    """One request generating and one waiting fill a server with one row and --max-queue 1: the next gets 429
+    with Retry-After; a body over 1 MB gets 413; then the server answers again."""
+    wait_for_idle(slow_server)
+    with httpx.Client(headers=KEY, timeout=30) as http:
+        with http.stream("POST", f"{slow_server}/v1/completions", json=LONG | {"stream": True}) as running:
+            lines = running.iter_lines()  # kept: a dropped iterator closes the stream
+            next(lines)  # it holds the row
+            with http.stream("POST", f"{slow_server}/v1/completions", json=LONG | {"stream": True}) as waiting:
+                assert waiting.status_code == 200 and health(slow_server)["queued"] == 1
+                refused = http.post(f"{slow_server}/v1/completions", json=LONG)
+                assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+                assert "queue is full" in refused.json()["error"]["message"]
+        huge = http.post(f"{slow_server}/v1/completions", json={"model": "slow", "prompt": "x" * (1 << 20)})
+        assert huge.status_code == 413 and "request body over" in huge.json()["error"]["message"]
+    wait_for_idle(slow_server)
+    good = openai.OpenAI(base_url=f"{slow_server}/v1", api_key="sekrit", max_retries=0, timeout=60)
+    assert good.completions.create(model="slow", prompt="O", max_tokens=3, temperature=0).usage.completion_tokens
