@@ -42,12 +42,11 @@ test-avx2: $(DEV_STAMP)
 	$(AVX2_ENV) $(PY) -m pytest -q tests
 
 # Re-resolve every requirement set to its newest allowed versions; run `make test` after, and commit both.
-# (pip-compile reads llama-cpp-python's metadata from its source package without building it.)
 # torch keeps its plain pin (pip-compile writes the local wheel's +cpu label, which other machines lack).
 lock: $(STAMP)
 	$(PY) -m pip install -q pip-tools==7.6.2
 	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile -q --strip-extras --no-emit-find-links --no-emit-index-url --output-file $(LOCK) \
-		requirements.txt requirements-dev.txt requirements-app.txt requirements-bench.txt
+		requirements.txt requirements-dev.txt requirements-app.txt
 	sed -i 's/^torch==.*/torch==2.13.0/' $(LOCK)
 
 .PHONY: install train test test-avx2 bench-install lock
