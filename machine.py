@@ -136,14 +136,16 @@ def peak_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, r
 
 def prepare_process(pins: str = "") -> None:
     """Process-wide settings that every entry point applies first (never an import): its --machine pins, and
-    - compiled artifacts persist in .cache/inductor (gitignored), so a second run of the same shape skips most
-      of the compile;
+    - compiled artifacts persist in .cache/inductor-<ATEN_CPU_CAPABILITY> (gitignored), so a second run of the
+      same shape skips most of the compile. One folder per capability, because Inductor's cache key ignores it:
+      code compiled for AVX-512 and reused under an AVX2 cap gave NaN losses;
     - glibc keeps freed blocks up to 32 MB for reuse instead of returning them to the OS, so the next activation
       of that size does not page-fault its memory in again (prefill and training 10-15% faster on an Intel VM
       here, for transformers too). Only where glibc is the libc."""
     MACHINE.read_environment()
     MACHINE.pin(pins)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE / "inductor"))
+    capability = os.environ.get("ATEN_CPU_CAPABILITY", "").lower() or "native"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE / f"inductor-{capability}"))
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
