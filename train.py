@@ -106,8 +106,6 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-
-
 class UsageError(Exception):
     """A flag that does not fit the run: exit code 2, like argparse's own errors."""
 

@@ -52,10 +52,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(n: int, argv: list[str]) -> subprocess.CompletedProcess:
+def torchrun(n: int, argv: list[str], script: str = "train.py") -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master-port",
-           str(free_port()), "train.py", *argv]
+           str(free_port()), script, *argv]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -75,14 +75,42 @@ def assert_same_optimizer_state(a, b, atol):
                 assert torch.allclose(value, state_b[i][key], atol=atol, rtol=0), (i, key)
 
 
+# train.py under torchrun, with a DDP communication hook that records which gradient buckets each rank
+# all-reduces (the default all-reduce still does the work), written to all_reduces-RANK.json at exit.
+COUNT_ALL_REDUCES = """
+import atexit, json, os, runpy, sys
+import torch.nn.parallel
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+out_dir, buckets, init = sys.argv[1], [], torch.nn.parallel.DistributedDataParallel.__init__
+def hook(state, bucket):
+    buckets.append(bucket.index())
+    return allreduce_hook(state, bucket)
+def counting_init(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    self.register_comm_hook(None, hook)
+torch.nn.parallel.DistributedDataParallel.__init__ = counting_init
+atexit.register(lambda: open(f"{out_dir}/all_reduces-{os.environ['RANK']}.json", "w").write(json.dumps(buckets)))
+sys.path.insert(0, sys.argv[2])
+sys.argv = [sys.argv[2] + "/train.py", *sys.argv[3:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_ddp_with_accumulation_equals_one_process(tok_path, tmp_path, optimizer):
     """2 gloo ranks x 2 micro-steps (the no_sync branch runs) against 1 process x 4 micro-steps. With Muon,
-    each rank orthogonalises the all-reduced gradient, so both ranks' updates equal the single process's."""
+    each rank orthogonalises the all-reduced gradient, so both ranks' updates equal the single process's.
+    Each rank all-reduces every gradient bucket once a step, never on a no_sync micro-step."""
     common = ["--max-steps", "3", "--micro-batch", "2", "--tokens-per-step", "512", "--optimizer", optimizer]
     single = run_in_process(small_run(tok_path, tmp_path / "single", *common))
-    done = torchrun(2, small_run(tok_path, tmp_path / "ddp", *common))
+    (tmp_path / "count_all_reduces.py").write_text(COUNT_ALL_REDUCES)
+    done = torchrun(2, [str(tmp_path), str(ROOT), *small_run(tok_path, tmp_path / "ddp", *common)],
+                    script=str(tmp_path / "count_all_reduces.py"))
     assert "world 2 x micro-batch 2 x seq 64 x accum 2" in done.stdout
+    for rank in range(2):
+        buckets = json.loads((tmp_path / f"all_reduces-{rank}.json").read_text())
+        assert len(buckets) == 3 * len(set(buckets)) and buckets, buckets  # 3 steps x each bucket once
     ddp = load_checkpoint(tmp_path / "ddp" / "run" / "last.ckpt")
     assert single["train_args"]["micro_batch"] == 2 and "accum" not in single["train_args"]
     # Muon's Newton-Schulz iteration runs in fp32 here (pinned), so only the summation order of the all-reduce
@@ -128,17 +156,98 @@ def test_gradient_accumulation_equals_big_batch(tok_path, tmp_path):
     assert_same_run(four_by_two, one_by_eight, atol=2e-5)
 
 
-@pytest.mark.parametrize("recipe", [["--optimizer", "adamw"], ["--optimizer", "muon", "--schedule", "wsd"]])
+def run_in_subprocess(argv):
+    done = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return load_checkpoint(Path(argv[argv.index("--out-dir") + 1]) / "run" / "last.ckpt")
+
+
+def tiny_recipe(argv: list[str]) -> list[str]:
+    """small_run with tiny's own optimizer and schedule (Muon + WSD), as `make train` runs them."""
+    return without(without(argv, "--optimizer"), "--schedule")
+
+
+@pytest.mark.parametrize("recipe", ["adamw+cosine", "tiny's muon+wsd"])
 def test_resume_is_exact(tok_path, tmp_path, recipe):
-    common = ["--max-steps", "6", "--micro-batch", "4", "--tokens-per-step", "256", "--save-every", "100", *recipe]
-    straight = run_in_process(small_run(tok_path, tmp_path / "straight", *common))
-    stopped = run_in_process(small_run(tok_path, tmp_path / "split", *common, "--stop-at", "3"))
+    """Stopped at step 3 in one process and resumed in another, a run equals one straight through, bit for bit
+    (Newton-Schulz pinned to fp32 in both, so no process times its own choice)."""
+    def argv(out_dir, *extra):
+        run = small_run(tok_path, out_dir, "--max-steps", "6", "--micro-batch", "4", "--tokens-per-step", "256",
+                        "--save-every", "100", *extra)
+        return run if recipe == "adamw+cosine" else tiny_recipe(run)
+
+    straight = run_in_process(argv(tmp_path / "straight"))
+    stopped = run_in_subprocess(argv(tmp_path / "split", "--stop-at", "3"))
     assert stopped["step"] == 3
-    resumed = run_in_process(small_run(tok_path, tmp_path / "split", "--resume", *recipe))
+    resumed = run_in_subprocess(argv(tmp_path / "split", "--resume"))
     assert_same_run(straight, resumed, atol=0)
+    assert_same_optimizer_state(straight, resumed, atol=0)
+    assert straight["train_args"]["optimizer"] == ("adamw" if recipe == "adamw+cosine" else "muon")
     # One flag trains further from a finished run, at the final (minimum) learning rate.
-    more = run_in_process(small_run(tok_path, tmp_path / "split", "--resume", "--more-steps", "2", *recipe))
+    more = run_in_process(argv(tmp_path / "split", "--resume", "--more-steps", "2"))
     assert more["step"] == 8 and more["train_args"]["decay_steps"] == 6
+
+
+def test_every_flag_that_changes_the_model_or_optimizer_is_refused_on_resume(tok_path, tmp_path, capsys):
+    """Each model-config flag (from the parser, so a new field is covered too), --preset and --optimizer, set
+    to another value on --resume, is a usage error naming it; the checkpoint is left as it was."""
+    argv = small_run(tok_path, tmp_path, "--max-steps", "1", "--micro-batch", "4", "--tokens-per-step", "256")
+    saved = run_in_process(argv)
+    before = (tmp_path / "run" / "last.ckpt").read_bytes()
+    changes = {"preset": ["--preset", "slm-40m"], "optimizer": ["--optimizer", "muon"]}
+    for name, value in saved["config"].items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            changes[name] = [flag if not value else "--no-" + flag[2:]]
+        else:
+            changes[name] = [flag, str(value * 2 if value else 0.5)]
+    assert set(changes) == {f.dest for f in train.build_parser()._actions if f.dest in saved["config"]} | \
+        {"preset", "optimizer"}
+    for name, flags in changes.items():
+        with pytest.raises(SystemExit) as e:
+            train.main([*argv, "--resume", "--more-steps", "1", *flags])
+        assert e.value.code == 2, name
+        assert f"({name} differ)" in capsys.readouterr().err, name
+    assert (tmp_path / "run" / "last.ckpt").read_bytes() == before
+    # The same values again are no change: the run goes on.
+    assert run_in_process([*argv, "--resume", "--more-steps", "1"])["step"] == 2
+
+
+def test_best_ckpt_holds_the_best_validation_loss(tok_path, tmp_path, monkeypatch):
+    """Validation losses scripted as 3, 2, 2.5, 1.5, 1.8: best.ckpt is step 4's, last.ckpt step 5's."""
+    losses = iter([3.0, 2.0, 2.5, 1.5, 1.8])
+    monkeypatch.setattr(train, "evaluate", lambda *args: (next(losses), 0.0))
+    last = run_in_process(small_run(tok_path, tmp_path, "--max-steps", "5", "--micro-batch", "4",
+                                    "--tokens-per-step", "256", "--eval-every", "1"))
+    best = load_checkpoint(tmp_path / "run" / "best.ckpt")
+    assert best["step"] == 4 and best["best_val"] == 1.5 and best["history"]["val"][-1] == (4, 1.5)
+    assert last["step"] == 5 and last["best_val"] == 1.5
+
+
+def test_an_infinite_gradient_with_a_finite_loss_stops_the_run(tok_path, tmp_path, monkeypatch, capsys):
+    """A gradient made infinite in step 3's backward (the loss stays finite): the run stops with an error, and
+    last.ckpt keeps step 2, whose weights the bad step never touched."""
+    build = train.build_model_and_optimizer
+    backwards = {"n": 0}
+
+    def poison_third_step(grad):
+        backwards["n"] += 1
+        return torch.full_like(grad, math.inf) if backwards["n"] == 3 else grad
+
+    def build_and_hook(*args):
+        raw_model, model, opt = build(*args)
+        raw_model.layers[0].mlp.down_proj.weight.register_hook(poison_third_step)
+        return raw_model, model, opt
+
+    monkeypatch.setattr(train, "build_model_and_optimizer", build_and_hook)
+    argv = small_run(tok_path, tmp_path, "--max-steps", "5", "--micro-batch", "4", "--tokens-per-step", "256",
+                     "--save-every", "1")
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 1 and "non-finite loss or gradient at step 3" in capsys.readouterr().err
+    last = load_checkpoint(tmp_path / "run" / "last.ckpt")
+    assert last["step"] == 2 and [step for step, _ in last["history"]["train"]] == [1, 2]
+    assert all(torch.isfinite(t).all() for t in last["model"].values())
 
 
 def without(argv: list[str], flag: str) -> list[str]:
