@@ -27,7 +27,7 @@ install: $(STAMP)
 
 train: $(STAMP)
 	$(PY) train.py --preset tiny --run-name tiny --time-budget $(BUDGET)
-	$(PY) inference.py --checkpoint checkpoints/tiny --max-new-tokens 100 --output generated_texts/tiny_samples.md
+	$(PY) inference.py --checkpoint checkpoints/tiny --max-new-tokens 100 --output checkpoints/tiny/samples.md
 
 test: $(DEV_STAMP)
 	$(PY) -m ruff check .

@@ -250,6 +250,38 @@ def test_an_infinite_gradient_with_a_finite_loss_stops_the_run(tok_path, tmp_pat
     assert all(torch.isfinite(t).all() for t in last["model"].values())
 
 
+def test_make_train_runs_tiny_from_nothing_and_leaves_the_tree_clean(tmp_path):
+    """The commands of `make train` (read from the Makefile), run in an empty folder that has only the corpus:
+    tiny's defaults train a tokenizer, then Muon + WSD for a short budget, stopped at step 2 and resumed in a
+    new process; inference.py then writes samples. Everything lands in the gitignored data/ and checkpoints/."""
+    from inference import SEED_PROMPTS
+
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^train: .*\n((?:\t.*\n)+)", makefile, re.M).group(1).strip().splitlines()
+    assert [line.split()[1] for line in recipe] == ["train.py", "inference.py"]
+    train_cmd, inference_cmd = ([sys.executable, str(ROOT / line.split()[1]), *line.split()[2:], "--device", "cpu"]
+                                for line in recipe)
+    train_cmd = [arg.replace("$(BUDGET)", "0.1") for arg in train_cmd]  # minutes
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "shakespeare").symlink_to(ROOT / "data" / "shakespeare")  # fetched by conftest
+    for cmd in (train_cmd + ["--stop-at", "2"], train_cmd + ["--resume"], inference_cmd):
+        done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "data" / "shakespeare-bpe4096.json").is_file()
+    run_dir = tmp_path / "checkpoints" / "tiny"
+    last = load_checkpoint(run_dir / "last.ckpt")
+    assert last["config"] == get_config("tiny").to_dict() and last["step"] > 2
+    assert (last["train_args"]["optimizer"], last["train_args"]["schedule"]) == ("muon", "wsd")
+    assert last["history"]["lr"][-1][1] == last["train_args"]["min_lr"]  # the budget's end came, then stopped
+    samples = (run_dir / "samples.md").read_text()
+    assert samples.count("### ") == len(SEED_PROMPTS)
+    written = {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*")}
+    assert written == {"data", "checkpoints"}
+    ignored = subprocess.run(["git", "check-ignore", "data/x", "checkpoints/tiny/samples.md"], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert ignored.stdout.split() == ["data/x", "checkpoints/tiny/samples.md"]
+
+
 def without(argv: list[str], flag: str) -> list[str]:
     i = argv.index(flag)
     return argv[:i] + argv[i + 2:]
