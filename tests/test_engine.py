@@ -7,6 +7,7 @@ import torch
 from config import get_config
 from engine import Engine, EngineLoop, Request, generate
 from model import GPT
+from scheduler import Scheduler
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +122,56 @@ def test_continuous_batching_takes_fewer_steps_for_the_same_tokens(model):
     steps = {mode: engine.summary() for mode, engine in engines.items()}
     assert steps["continuous"]["decode_steps"] < steps["static"]["decode_steps"]
     assert steps["continuous"]["slot_utilisation"] > steps["static"]["slot_utilisation"]
+
+
+def test_admission_takes_the_lowest_free_rows():
+    """Rows freed in the middle are taken first, lowest first and in queue order, so the batch's span (1 + the
+    highest running row, what a step computes) stays as small as the running requests allow."""
+    scheduler = Scheduler(rows=4, max_len=16)
+    for i in range(4):
+        scheduler.add(Request([1, 2], 3, id=i))
+    first, _ = scheduler.admit()
+    assert [seq.row for seq in first] == [0, 1, 2, 3]
+    scheduler.free(first[3])
+    scheduler.free(first[1])
+    for i in range(4, 7):
+        scheduler.add(Request([1], 3, id=i))
+    second, _ = scheduler.admit()
+    assert [(seq.row, seq.request.id) for seq in second] == [(1, 4), (3, 5)]
+    assert scheduler.queued() == 1 and scheduler.free_rows() == 0
+    scheduler.free(second[1])
+    scheduler.free(first[2])
+    assert scheduler.schedule().span == 2  # rows 0 and 1 left
+
+
+def test_a_long_prompt_goes_in_256_tokens_a_step():
+    """A 700-token prompt beside a 300-token one: no step takes more than 256 prompt tokens, the long prompt
+    goes in as 256 + 256 + 188 at slots 0, 256 and 512, and the tokens are the full forward's argmax."""
+    torch.manual_seed(0)
+    cfg = get_config("tiny", vocab_size=512, n_layer=2, d_model=64, n_head=4, n_kv_head=2, ffn_hidden=128,
+                     max_seq_len=1024, init_std=0.2, tie_embeddings=False)
+    model = GPT(cfg).eval()
+    g = torch.Generator().manual_seed(2)
+    long, short = (Request(torch.randint(2, 512, (n,), generator=g).tolist(), 6, ignore_eos=True) for n in (700, 300))
+    engine = Engine(model, rows=2, max_len=720)
+    batches, schedule = [], engine.scheduler.schedule
+
+    def recorded():
+        batch = schedule()
+        batches.append(batch)
+        return batch
+
+    engine.scheduler.schedule = recorded
+    run(engine, [long, short])
+    assert max(sum(len(chunk) for _, _, chunk in b.chunks) for b in batches if b.chunks) == 256
+    assert [(start, len(chunk)) for b in batches for row, start, chunk in b.chunks if row == 0] == \
+        [(0, 256), (256, 256), (512, 188)]
+    with torch.no_grad():
+        for r in (long, short):
+            ids = list(r.prompt)
+            for _ in range(6):
+                ids.append(model(torch.tensor([ids]))[0][0, -1].argmax().item())
+            assert r.tokens == ids[len(r.prompt):]
 
 
 def test_stop_strings_and_streamed_text(model, small_tokenizer):

@@ -167,6 +167,31 @@ def test_cli_outputs_and_stats(ckpt_dir, loaded, tmp_path):
     assert f"= {report['generated_tokens_per_s']:,.1f} tok/s" in done.stdout
 
 
+def test_cli_jsonl_prompts_stop_strings_and_markdown(ckpt_dir, tmp_path):
+    """Prompts from a JSONL file; a --stop string cuts each completion where the free text has it (finish
+    "stop"), and the .md output holds each prompt with its completion, in input order."""
+    texts = ["To be, or not to be", "O Romeo", "Now is the winter"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t, "id": i}) + "\n" for i, t in enumerate(texts)))
+    common = ["--checkpoint", str(ckpt_dir), "--prompts-file", str(prompts), "--temperature", "0",
+              "--max-new-tokens", "16", "--device", "cpu"]
+    inference.main([*common, "--output", str(tmp_path / "free.jsonl")])
+    free = [json.loads(line) for line in (tmp_path / "free.jsonl").read_text().splitlines()]
+    assert [row["prompt"] for row in free] == texts
+    start = next(i for i in range(3, len(free[0]["completion"]) - 1) if free[0]["completion"][i:i + 2].isalpha())
+    stop = free[0]["completion"][start:start + 2]
+    inference.main([*common, "--stop", stop, "--output", str(tmp_path / "stopped.jsonl")])
+    stopped = [json.loads(line) for line in (tmp_path / "stopped.jsonl").read_text().splitlines()]
+    for row, whole in zip(stopped, free, strict=True):
+        cut = whole["completion"].find(stop)
+        assert row["completion"] == (whole["completion"] if cut < 0 else whole["completion"][:cut])
+        assert row["finish_reason"] == ("stop" if cut >= 0 else whole["finish_reason"])
+    assert stopped[0]["finish_reason"] == "stop" and stop not in stopped[0]["completion"]
+    inference.main([*common, "--stop", stop, "--output", str(tmp_path / "stopped.md")])
+    assert (tmp_path / "stopped.md").read_text() == "".join(
+        f"### {t}\n\n```\n{t}{row['completion']}\n```\n\n" for t, row in zip(texts, stopped))
+
+
 def test_killed_run_keeps_what_it_wrote(ckpt_dir, tmp_path):
     """Results are written in input order as they finish: after a SIGKILL every complete line is the line an
     uninterrupted run writes there."""
