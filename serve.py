@@ -85,7 +85,7 @@ def create_app(engine: EngineLoop, tok: Tokenizer, model_name: str, api_key: str
     async def health():
         e = engine.engine
         return {"status": "ok", "active_rows": e.active(), "queued": e.queued(), "rows": e.rows,
-                "generated_tokens": e.stats["new_tokens"], "finished": dict(e.stats["finished"]),
+                "step": e.runner.step, "generated_tokens": e.stats["new_tokens"], "finished": dict(e.stats["finished"]),
                 "machine": MACHINE.summary()}
 
     @app.get("/v1/models")

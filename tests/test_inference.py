@@ -192,6 +192,45 @@ def test_cli_jsonl_prompts_stop_strings_and_markdown(ckpt_dir, tmp_path):
         f"### {t}\n\n```\n{t}{row['completion']}\n```\n\n" for t, row in zip(texts, stopped))
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_generation_is_the_same_on_every_step(ckpt_dir, tmp_path, machine, mode):
+    """inference.py --quantize MODE: the greedy ids of the compiled and the fused step equal the eager pass's,
+    on 2 rows (below the dense-GEMM crossover, pinned at 4: the int kernels run) and on 8 (above it: the GEMM
+    on the dequantized weights). The int16 kernels are pinned off: they round activations, the others do not."""
+    prompts = [arg for text in PROMPTS + ["Is this a dagger", "We few, we happy few", "Double, double"]
+               for arg in ("--prompt", text)]
+    for rows in (2, 8):
+        ids = {}
+        for step in ("eager", "fused", "compiled"):
+            out = tmp_path / f"{step}-{rows}.jsonl"
+            inference.main(["--checkpoint", str(ckpt_dir), *prompts, "--quantize", mode, "--step", step,
+                            "--batch-size", str(rows), "--machine", "dense_min_rows=4,int16_rows=0",
+                            "--temperature", "0", "--ignore-eos", "--max-new-tokens", "12", "--device", "cpu",
+                            "--output", str(out), "--stats-json", str(tmp_path / "stats.json")])
+            assert json.loads((tmp_path / "stats.json").read_text())["step"] == step
+            ids[step] = [json.loads(line)["completion_ids"] for line in out.read_text().splitlines()]
+        assert ids["compiled"] == ids["eager"] == ids["fused"], rows
+        assert len(ids["eager"]) == 8 and all(len(row) == 12 for row in ids["eager"])
+
+
+def test_bf16_generation_through_the_cli(ckpt_dir, loaded, tmp_path):
+    """inference.py --dtype bf16 runs bf16 weights (its report says so) and writes the greedy ids of the bf16
+    model generated in this process; that model's logits are within bf16 rounding of fp32's, and not equal."""
+    out, stats = tmp_path / "bf16.jsonl", tmp_path / "stats.json"
+    inference.main(["--checkpoint", str(ckpt_dir), *[arg for p in PROMPTS for arg in ("--prompt", p)],
+                    "--dtype", "bf16", "--temperature", "0", "--ignore-eos", "--max-new-tokens", "12",
+                    "--device", "cpu", "--output", str(out), "--stats-json", str(stats)])
+    assert json.loads(stats.read_text())["weights"] == "bfloat16"
+    model, tok = load_model(str(ckpt_dir), "cpu", "bf16")
+    prompts = [tok.encode(p) for p in PROMPTS]
+    want, _ = generate(model, prompts, 12, batch_size=16)
+    assert [json.loads(line)["completion_ids"] for line in out.read_text().splitlines()] == want
+    x = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        bf16, fp32 = model(x)[0].float(), loaded[0](x)[0]
+    assert 0 < (bf16 - fp32).abs().max() <= 0.05 * fp32.abs().max()
+
+
 def test_killed_run_keeps_what_it_wrote(ckpt_dir, tmp_path):
     """Results are written in input order as they finish: after a SIGKILL every complete line is the line an
     uninterrupted run writes there."""

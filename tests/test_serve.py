@@ -277,3 +277,38 @@ def test_a_full_queue_gets_429_and_a_huge_body_413(slow_server):
     wait_for_idle(slow_server)
     good = openai.OpenAI(base_url=f"{slow_server}/v1", api_key="sekrit", max_retries=0, timeout=60)
     assert good.completions.create(model="slow", prompt="O", max_tokens=3, temperature=0).usage.completion_tokens
+
+
+def test_a_quantized_compiled_server_equals_inference_py(checkpoint, tmp_path):
+    """serve.py --quantize int4 --step compiled, 4 clients at once (every row of the compiled step; the dense
+    GEMM pinned from 8 rows, so the int4 kernels run inside the graph): each gets the greedy text that
+    inference.py's eager pass writes for the same int4 weights."""
+    pins = ["--quantize", "int4", "--machine", "dense_min_rows=8,int16_rows=0"]
+    out = tmp_path / "eager.jsonl"
+    done = subprocess.run([sys.executable, "inference.py", "--checkpoint", str(checkpoint), "--device", "cpu",
+                           *[arg for q in QUESTIONS for arg in ("--prompt", q)], "--temperature", "0",
+                           "--ignore-eos", "--max-new-tokens", "16", "--step", "eager", "--output", str(out), *pins],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    want = [json.loads(line)["completion"] for line in out.read_text().splitlines()]
+    proc, url = start_server(checkpoint, "--batch-size", "4", "--step", "compiled", *pins)
+    try:
+        got = [None] * len(QUESTIONS)
+
+        def ask(i):
+            body = {"model": "tiny-chat", "prompt": QUESTIONS[i], "max_tokens": 16, "temperature": 0,
+                    "ignore_eos": True}
+            got[i] = httpx.post(f"{url}/v1/completions", json=body, timeout=300).json()["choices"][0]["text"]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(QUESTIONS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got == want
+        health = httpx.get(f"{url}/health").json()
+        assert health["step"] == "compiled" and health["machine"]["choices"]["dense_min_rows"] == 8
+        assert health["finished"] == {"length": 4}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

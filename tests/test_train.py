@@ -148,6 +148,19 @@ def test_compile_trains_and_saves_plain_names(tok_path, tmp_path):
     assert_same_run(eager, compiled, atol=1e-4)
 
 
+def test_bf16_autocast_training_follows_fp32(tok_path, tmp_path):
+    """--dtype bf16 on CPU: matmuls under bf16 autocast, master weights and optimizer state in fp32 (what is
+    saved). Its losses follow the fp32 run's to within bf16 rounding, and differ from them."""
+    common = ["--max-steps", "4", "--micro-batch", "4", "--tokens-per-step", "256"]
+    fp32 = run_in_process(small_run(tok_path, tmp_path / "fp32", *common))
+    bf16 = run_in_process([*without(small_run(tok_path, tmp_path / "bf16", *common), "--dtype"), "--dtype", "bf16"])
+    assert bf16["train_args"]["dtype"] == "bf16"
+    assert all(t.dtype == torch.float32 for t in bf16["model"].values())
+    losses = {name: [loss for _, loss in run["history"]["train"]] for name, run in (("fp32", fp32), ("bf16", bf16))}
+    assert losses["bf16"] == pytest.approx(losses["fp32"], abs=0.02) and losses["bf16"] != losses["fp32"]
+    assert losses["bf16"][-1] < losses["bf16"][0]
+
+
 def test_gradient_accumulation_equals_big_batch(tok_path, tmp_path):
     four_by_two = run_in_process(small_run(tok_path, tmp_path / "a", "--max-steps", "2", "--micro-batch", "2",
                                            "--tokens-per-step", "512"))
