@@ -36,10 +36,12 @@ test: $(DEV_STAMP)
 	# (about a minute); `make test-avx2` runs every test capped.
 	$(AVX2_ENV) $(PY) -m pytest -q tests/test_layers.py tests/test_quantize.py tests/test_model.py tests/test_runner.py tests/test_engine.py
 
-# Optional: llama.cpp's own tools (llama-bench, llama-batched-bench, llama-server) for bench, built from the
-# llama.cpp tree in llama-cpp-python's source package on PyPI into .cache/llama.cpp (about 7 minutes, once).
+# Optional: bench's peers. llama.cpp's own tools (llama-bench, llama-batched-bench, llama-server), built from the
+# llama.cpp tree in llama-cpp-python's source package on PyPI into .cache/llama.cpp (about 7 minutes, once);
+# vLLM's CPU engine and OpenVINO GenAI, each in a venv of its own under .cache/peers.
 bench-install: $(DEV_STAMP)
 	sh bench/llama_cpp.sh .cache/llama.cpp
+	PYTHON=$(PYTHON) sh bench/peers.sh .cache/peers
 
 test-avx2: $(DEV_STAMP)
 	$(AVX2_ENV) $(PY) -m pytest -q tests

@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--chat: this checkpoint has no chat template")
     # Rows as long as a capped prompt (~1 token per 4 characters) plus the new tokens, within the context.
     max_len = min(model.config.max_seq_len, MAX_PROMPT_CHARS // 2 + args.max_new_tokens)
-    engine = EngineLoop(Engine(model, rows=args.batch_size, max_len=max_len, tokenizer=tok, step=args.step))
+    engine = EngineLoop(Engine(model, rows=args.batch_size, max_len=max_len, tokenizer=tok, step=args.step,
+                               prefix_cache_mb=args.prefix_cache_mb))
     app = build_app(engine, tok, args.max_new_tokens, args.chat, title=f"slm · {args.checkpoint}")
     app.queue().launch(server_name=args.host, server_port=args.port, show_error=True, prevent_thread_lock=True)
     try:

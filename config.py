@@ -96,15 +96,15 @@ def exit_with_error(error: Exception, debug: bool) -> None:
     sys.exit(1)
 
 
-def positive(kind: type):
-    """An argparse type: int or float that must be > 0."""
+def positive(kind: type, zero: bool = False):
+    """An argparse type: int or float that must be > 0 (or >= 0, with zero=True)."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if zero else '>'} 0, got {text}")
         return value
     parse.__name__ = kind.__name__
     return parse
@@ -150,6 +150,9 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
                         help="ngram: draft tokens by finding the last few tokens earlier in the prompt and text, and "
                              "verify them in the same pass (same output; faster where the text repeats its input)")
     parser.add_argument("--draft-tokens", type=positive(int), default=8, help="--speculate ngram: tokens per draft")
+    parser.add_argument("--prefix-cache-mb", type=positive(int, zero=True), default=256,
+                        help="keep the KV blocks of prompts (up to this many MiB) for later prompts that begin the "
+                             "same way, e.g. a shared system prompt; 0: off")
     add_runtime_args(parser)
 
 

@@ -5,6 +5,7 @@ rows and cuts the step's prompt chunks; the runner (runner.py) runs them and a d
 row in one pass, and samples; the engine then retires rows that hit end-of-text, a stop string or
 max_new_tokens, which frees them for the next admission. Each request has its own sampling settings and
 random generator, so what it generates does not depend on what else is in the batch, or when it was admitted.
+With a prefix cache (prefix_cache.py), a prompt's rows start from the kept KV blocks of the prompts before it.
 
   rows, stats = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=20)      # a list of prompts
   engine = Engine(model, rows=32, max_len=512, tokenizer=tok)                 # or requests as they come
@@ -21,6 +22,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from model import GPT
+from prefix_cache import PrefixCache
 from runner import ModelRunner
 from scheduler import LengthError, Request, Scheduler, Sequence, check_lengths
 from tokenizer import StreamDecoder, Tokenizer
@@ -29,12 +31,14 @@ from tokenizer import StreamDecoder, Tokenizer
 class Engine:
     def __init__(self, model: GPT, *, rows: int, max_len: int, tokenizer: Tokenizer | None = None,
                  eos_id: int | None = None, step: str = "auto", batching: str = "continuous",
-                 prefill_tokens: int = 256, use_cache: bool = True):
+                 prefill_tokens: int = 256, use_cache: bool = True, prefix_cache_mb: int = 0):
         """rows: sequences generated at once. max_len: the longest prompt + new tokens of any request.
         step: how the runner runs a pass (runner.py): auto (fused where it runs), fused, eager or compiled.
-        use_cache=False recomputes every sequence whole at every step (for comparison only)."""
+        use_cache=False recomputes every sequence whole at every step (for comparison only). prefix_cache_mb:
+        keep the KV blocks of prompts, up to this many MiB, for later prompts that begin the same way."""
         self.scheduler = Scheduler(rows, max_len, batching, prefill_tokens, whole_prompts=not use_cache)
         self.runner = ModelRunner(model, rows, max_len, step, use_cache)
+        self.prefix = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb > 0 and use_cache else None
         self.model, self.tok, self.max_len, self.batching = model, tokenizer, max_len, batching
         self.eos_id = tokenizer.eos_id if eos_id is None and tokenizer is not None else eos_id
         # prefill_s: passes with prompt chunks only; decode_s: passes that made tokens (chunks may ride along);
@@ -78,6 +82,8 @@ class Engine:
             finished.append(request)
         for seq in admitted:
             seq.decoder = StreamDecoder(self.tok) if self.tok is not None else None
+            if self.prefix is not None:  # its prefill starts after the blocks that are kept
+                seq.filled = self.prefix.reuse(seq.request.prompt, self.runner.kv_cache, seq.row)
         batch = self.scheduler.schedule()
         if batch is not None:
             t0, compiling = time.perf_counter(), self.runner.compile_seconds
@@ -85,6 +91,9 @@ class Engine:
             done = self.scheduler.advance(batch)
             running = self.scheduler.running
             prompted = [running[batch.chunks[b][0]] for b in done]
+            if self.prefix is not None:
+                for seq in prompted:
+                    self.prefix.keep(seq.request.prompt, self.runner.kv_cache, seq.row)
             first = self.runner.sample(prompted, logits.chunks[done]) if done else []
             live = [running[row] for row in batch.sampled]
             taken = [[t] for t in self.runner.sample(live, logits.decode)] if live else []
@@ -140,6 +149,7 @@ class Engine:
         """The stats, with the slot utilisation (generated tokens / (decode steps x rows))."""
         s = dict(self.stats)
         s["slot_utilisation"] = s["decoded_row_steps"] / max(1, s["decode_steps"] * self.rows)
+        s["prefix_cache"] = self.prefix.summary() if self.prefix is not None else None
         return s
 
     # --- retiring -------------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def make_engine(model: GPT, tok: Tokenizer, args: argparse.Namespace, max_len: int, prompts: int) -> Engine:
     """An engine of --batch-size rows, or fewer when there are fewer prompts (every row costs a step)."""
     return Engine(model, rows=min(args.batch_size, prompts), max_len=max_len, tokenizer=tok, step=args.step,
-                  batching=args.batching, use_cache=not args.no_kv_cache)
+                  batching=args.batching, use_cache=not args.no_kv_cache, prefix_cache_mb=args.prefix_cache_mb)
 
 
 def make_request(i: int, ids: list[int], args: argparse.Namespace, on_text=None) -> Request:
@@ -123,6 +123,7 @@ def speed_report(engine: Engine, requests: int, wall: float) -> dict:
         "batching": engine.batching, "new_tokens": s["new_tokens"], "prefill_tokens": s["prefill_tokens"],
         "prompts": requests, "decode_steps": s["decode_steps"], "slot_utilisation": s["slot_utilisation"],
         "drafted": s["drafted"], "accepted": s["accepted"], "step": engine.runner.step,
+        "prefix_cache": s["prefix_cache"],
         "weights": describe_weights(engine.model), "machine": MACHINE.summary()}
 
 

@@ -86,7 +86,7 @@ def create_app(engine: EngineLoop, tok: Tokenizer, model_name: str, api_key: str
         e = engine.engine
         return {"status": "ok", "active_rows": e.active(), "queued": e.queued(), "rows": e.rows,
                 "step": e.runner.step, "generated_tokens": e.stats["new_tokens"], "finished": dict(e.stats["finished"]),
-                "machine": MACHINE.summary()}
+                "prefix_cache": e.prefix.summary() if e.prefix is not None else None, "machine": MACHINE.summary()}
 
     @app.get("/v1/models")
     async def models():
@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     path = Path(args.checkpoint)
     name = args.model_name or (path.parent.name if path.suffix == ".ckpt" else path.name)
     max_len = min(args.max_len, model.config.max_seq_len)
-    engine = EngineLoop(Engine(model, rows=args.batch_size, max_len=max_len, tokenizer=tok, step=args.step))
+    engine = EngineLoop(Engine(model, rows=args.batch_size, max_len=max_len, tokenizer=tok, step=args.step,
+                               prefix_cache_mb=args.prefix_cache_mb))
     app = create_app(engine, tok, name, args.api_key, args.max_queue, args.speculate == "ngram", args.draft_tokens)
     # HTTP in a thread of its own; the engine steps in the main thread (see EngineLoop).
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))

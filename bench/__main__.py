@@ -9,6 +9,7 @@ every figure. Compile time is left out of the rates (a warm-up call first) and r
   python -m bench --only engine                    # continuous vs static batching on the chat workload
   python -m bench --only speculate                 # n-gram speculation vs llama-server's ngram-simple
   python -m bench --only serve                     # serve.py vs llama.cpp's server at 1/8/32/64 clients
+  python -m bench --only prefix                    # a shared system prompt: prefix cache on/off, llama-server
   python -m bench --only sweep --checkpoint checkpoints/tiny    # batch sizes x KV cache, worker processes
   python -m bench --only recipes                   # training recipes side by side, 10 min each (tiny)
   python -m bench --only recipes --recipe-preset slm-40m --recipe-minutes 5 --recipes before muon+wsd \
@@ -28,9 +29,9 @@ from config import ArgumentParser
 from machine import MACHINE, prepare_process
 
 SECTIONS = {"decode": "decode", "prefill": "prefill", "speculate": "speculate", "gemv": "gemv", "quality": "quality",
-            "engine": "batching", "serve": "server", "train": "training", "sweep": "sweep",
+            "engine": "batching", "serve": "server", "prefix": "prefix", "train": "training", "sweep": "sweep",
             "recipes": "recipes"}  # name: module
-DEFAULT = ["decode", "prefill", "speculate", "gemv", "quality", "engine", "serve", "train"]
+DEFAULT = ["decode", "prefill", "speculate", "gemv", "quality", "engine", "serve", "prefix", "train"]
 
 
 def main(argv: list[str] | None = None) -> None:

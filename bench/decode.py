@@ -7,8 +7,9 @@ Three kinds of row:
           The same with --step compiled, whose first-ever compile and warm start are reported apart.
   decode  generated tokens/s at a fixed batch, in this process, each contender timed in turns: ours with the
           checkpoint's own weights (the GGUF's int4 blocks) through the fused, eager and compiled steps, ours
-          in fp32 and re-quantized int8, transformers fp32; llama.cpp: tg128 (batch 1) or
-          llama-batched-bench (more sequences).
+          in fp32, bf16 and re-quantized int8, transformers fp32; llama.cpp: tg128 (batch 1) or
+          llama-batched-bench (more sequences); OpenVINO GenAI (fp16, int8, int4 exports) and vLLM's CPU engine
+          (bf16), where `make bench-install` put them, each in its own venv and process.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bench import llama
+from bench import llama, peers
 from bench.common import PROMPT, ROOT, first_difference, named_bars, timed_interleaved, transformers_model
 from checkpoint import config_and_tokenizer, load_checkpoint, load_model
 from engine import generate
@@ -72,7 +73,8 @@ def decode_rows(args, prompt: list[int]) -> list[dict]:
     """Each contender through `generate()` at each batch, taking turns (a drift in the machine's speed hits
     all alike); llama.cpp's own tools run after, on the same machine, alone."""
     models = {"auto": load_model(args.checkpoint)[0], "fp32": load_model(args.checkpoint, quantize="none")[0],
-              "int8": load_model(args.checkpoint, quantize="int8")[0]}
+              "int8": load_model(args.checkpoint, quantize="int8")[0],
+              "bf16": load_model(args.checkpoint, dtype="bf16", quantize="none")[0]}
     ref = transformers_model(args.checkpoint)
     gguf, why = llama.gguf_of(args.checkpoint), llama.missing(args.checkpoint, "llama-batched-bench")
     rows = []
@@ -88,15 +90,23 @@ def decode_rows(args, prompt: list[int]) -> list[dict]:
                              do_sample=False, pad_token_id=0)
         fns = {f"ours {name} {step}": (lambda n=name, m=models[name], s=step: ours(f"{n} {s}", m, s))
                for name, step in (("auto", "fused"), ("auto", "eager"), ("auto", "compiled"), ("fp32", "fused"),
-                                  ("int8", "fused"))}
+                                  ("int8", "fused"), ("bf16", "eager"))}
         fns["transformers fp32"] = transformers
         seconds, first_call = timed_interleaved(fns, 2 if batch >= 32 else 3)
         tok_s = {k: batch * args.new_tokens / v for k, v in seconds.items()}
         if why is None:
             peer = llama.batched_bench(gguf, args.threads, len(prompt), args.new_tokens, [batch])[0]
             tok_s["llama.cpp Q4_1"] = batch * args.new_tokens / peer["t"]  # new tokens over prompt + generation
+        for name, fmt in (("openvino", "fp16"), ("openvino", "int8"), ("openvino", "int4"), ("vllm", "bf16")):
+            if peers.missing(name) is None:
+                model_dir = peers.openvino_export(args.checkpoint, fmt) if name == "openvino" else \
+                    peers.hf_export(args.checkpoint)
+                got = peers.fixed_batch(name, model_dir, PROMPT, batch, args.new_tokens, args.threads)
+                tok_s[f"{name} {fmt}"] = batch * args.new_tokens / got["seconds"]
+                outputs[f"{name} {fmt}"] = [got["first_row"]]
         row = {"kind": "decode", "batch": batch, "new_tokens": args.new_tokens, "tok_s": tok_s,
                "first_call_s": first_call, "llama.cpp": why or "llama-batched-bench",
+               "peers": {name: peers.missing(name) or "installed" for name in ("openvino", "vllm")},
                "same_tokens_as_fused": {k: first_difference(outputs[k], outputs["auto fused"]) for k in outputs}}
         if "llama.cpp Q4_1" in tok_s:
             row["fused_vs_llama_cpp"] = tok_s["ours auto fused"] / tok_s["llama.cpp Q4_1"]

@@ -1,4 +1,5 @@
-"""Load on OpenAI-compatible servers over loopback: ours (serve.py) against llama.cpp's, streamed chat."""
+"""Load on OpenAI-compatible servers over loopback: ours (serve.py) against llama.cpp's and vLLM's CPU engine's,
+streamed chat."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import llama
+from bench import llama, peers
 from bench.common import CHAT_PROMPTS, percentile, start_server
 from checkpoint import config_and_tokenizer, load_checkpoint
 
@@ -49,8 +50,9 @@ def bench_serve(ckpt_path: str, threads: int, levels: list[int], requests: int =
                 rows: int = 32) -> list[dict]:
     """Load on an OpenAI-compatible server over loopback: `requests` chat prompts (every 4th of prompts/chat.txt:
     questions, lists and stories), greedy, streamed, at 1/8/32/64 concurrent clients. Ours (serve.py with no
-    flags, 32 rows) and llama-server (-np 32, the same GGUF and threads) in the same run. Tokens are counted by
-    re-encoding each answer with the model's tokenizer, the same for both."""
+    flags, 32 rows), llama-server (-np 32, the same GGUF and threads) and vLLM in the same run. Tokens are counted by
+    re-encoding each answer with the model's tokenizer, the same for all. vLLM's CPU engine (bf16, 32
+    sequences) where `make bench-install` put it."""
     import asyncio
 
     import httpx
@@ -67,7 +69,11 @@ def bench_serve(ckpt_path: str, threads: int, levels: list[int], requests: int =
         servers[f"llama-server -np {rows}"] = llama.server_command(llama.gguf_of(ckpt_path), threads, 8932, rows,
                                                                      rows * 512)
     else:
-        print(f"serve: llama-server {why}; ours alone")
+        print(f"serve: llama-server {why}")
+    if peers.missing("vllm") is None:
+        servers[f"vLLM CPU bf16 --max-num-seqs {rows}"] = peers.vllm_server_command(ckpt_path, 8933, rows)
+    else:
+        print(f"serve: vLLM's CPU engine {peers.missing('vllm')}")
     out = []
     for name, command in servers.items():
         port = command[command.index("--port") + 1]

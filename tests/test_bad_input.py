@@ -122,6 +122,7 @@ CASES = [
     ("unknown training device", TRN, ["--device", "gpu0"], 2, "unknown --device 'gpu0'"),
     ("a GPU that is not there", TRN, ["--device", "cuda:99"], 2, "--device cuda:99 but"),
     ("unknown inference dtype", INF, ["--checkpoint", "{ws}/good", "--dtype", "int3"], 2, "invalid choice"),
+    ("negative prefix cache", INF, ["--checkpoint", "{ws}/good", "--prefix-cache-mb", "-1"], 2, "must be >= 0"),
     ("missing prompts file", INF, ["--checkpoint", "{ws}/good", "--prompts-file", "{ws}/none.txt"], 1,
      "prompts file not found"),
     ("unsupported gguf quantization", CNV, ["from-gguf", "{ws}/q2k.gguf", "--out", "{ws}/q2k"], 1,

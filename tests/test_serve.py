@@ -312,3 +312,15 @@ def test_a_quantized_compiled_server_equals_inference_py(checkpoint, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_shared_prefix_is_reused_and_changes_no_answer(server, client, checkpoint):
+    """Two prompts behind the same long prefix: the second copies the first's KV blocks (the health output
+    counts them) and still answers exactly what inference.py writes for it."""
+    prefix = " ".join(QUESTIONS) * 3
+    before = httpx.get(f"{server}/health").json()["prefix_cache"]
+    client.completions.create(model="tiny-chat", prompt=prefix + " Alas", max_tokens=8, temperature=0)
+    second = client.completions.create(model="tiny-chat", prompt=prefix + " Hark", max_tokens=16, temperature=0)
+    after = httpx.get(f"{server}/health").json()["prefix_cache"]
+    assert after["hit_tokens"] - before["hit_tokens"] >= 32 and after["bytes"] > 0
+    assert second.choices[0].text == cli_completion(checkpoint, prefix + " Hark", 16, chat=False)

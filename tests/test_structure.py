@@ -7,7 +7,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FLOORS = [
     {"config", "machine", "distributed"},      # ground: model config + CLI helper; per-machine choices; torchrun
     {"tokenizer", "layers"},                   # BPE; the linear paths and the kernels.cpp loader
-    {"model", "data", "scheduler"},            # the model; corpora and loaders; which request runs where
+    {"model", "data", "scheduler", "prefix_cache"},  # the model; corpora; which request runs where; KV blocks kept
     {"quantize", "optim", "evaluate"},         # model surgery; optimizers and schedules; bits per byte
     {"checkpoint", "runner"},                  # the one checkpoint format and load_model; the model runner
     {"engine"},                                # the generation loop
