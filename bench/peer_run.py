@@ -23,9 +23,8 @@ def openvino(model_dir: str, prompt: str, batch: int, new_tokens: int, threads: 
     t0 = time.perf_counter()
     pipe.generate([prompt] * batch, config)
     seconds = time.perf_counter() - t0
-    tokenizer = pipe.get_tokenizer()
-    one = pipe.generate([prompt], config).texts[0]
-    return seconds, list(tokenizer.encode(one, add_special_tokens=False).input_ids.data[0])
+    one = pipe.generate(pipe.get_tokenizer().encode(prompt), config)  # token ids in, token ids out
+    return seconds, [int(t) for t in one.tokens[0]]
 
 
 def vllm(model_dir: str, prompt: str, batch: int, new_tokens: int, threads: int) -> tuple[float, list[int]]:

@@ -53,7 +53,7 @@ def fixed_batch(peer: str, model_dir: Path, prompt: str, batch: int, new_tokens:
                           timeout=1800)
     if done.returncode != 0:
         raise RuntimeError(f"{peer} failed: {done.stderr[-1500:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(next(line for line in done.stdout.splitlines() if line.startswith('{"seconds"')))
 
 
 def vllm_server_command(ckpt_path: str, port: int, rows: int) -> list[str]:
