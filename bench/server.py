@@ -25,19 +25,27 @@ async def load_test(url: str, bodies: list[dict], clients: int) -> dict:
     async def client(http: httpx.AsyncClient) -> None:
         while todo:
             i, body = todo.pop()
-            start, stamps, text, error = time.perf_counter(), [], [], None
-            try:
-                async with http.stream("POST", url, json=body) as r:
-                    if r.status_code != 200:
-                        error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
-                    async for line in r.aiter_lines():
-                        if line.startswith("data: {"):
-                            piece = json.loads(line[6:])["choices"][0].get("delta", {}).get("content")
-                            if piece:
-                                stamps.append(time.perf_counter())
-                                text.append(piece)
-            except httpx.HTTPError as e:
-                error = f"{type(e).__name__}: {e}"
+            start, stamps, text = time.perf_counter(), [], []
+            for _ in range(3):  # a kept-alive connection that the server had closed: again, on a new one
+                error = None
+                try:
+                    async with http.stream("POST", url, json=body) as r:
+                        if r.status_code != 200:
+                            error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                        async for line in r.aiter_lines():
+                            if line.startswith("data: {"):
+                                piece = json.loads(line[6:])["choices"][0].get("delta", {}).get("content")
+                                if piece:
+                                    stamps.append(time.perf_counter())
+                                    text.append(piece)
+                    break
+                except httpx.RemoteProtocolError as e:
+                    error = f"{type(e).__name__}: {e}"
+                    if stamps:  # it broke off mid-answer: that counts
+                        break
+                except httpx.HTTPError as e:
+                    error = f"{type(e).__name__}: {e}"
+                    break
             done.append({"i": i, "start": start, "stamps": stamps, "text": "".join(text), "error": error})
 
     async with httpx.AsyncClient(timeout=900, limits=httpx.Limits(max_connections=clients)) as http:
