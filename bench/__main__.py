@@ -6,6 +6,7 @@ every figure. Compile time is left out of the rates (a warm-up call first) and r
 
   python -m bench                                  # decode prefill gemv quality engine serve train
   python -m bench --only decode --batches 1 32     # batch-1 and batch-32 decode: fp32/int8/int4, plain/compiled
+  python -m bench --only budget --batches 1 32     # a decode step's time: its matmuls alone, and the rest
   python -m bench --only engine                    # continuous vs static batching on the chat workload
   python -m bench --only speculate                 # n-gram speculation vs llama-server's ngram-simple
   python -m bench --only serve                     # serve.py vs llama.cpp's server at 1/8/32/64 clients
@@ -28,10 +29,10 @@ from bench.recipes import RECIPES
 from config import ArgumentParser
 from machine import MACHINE, prepare_process
 
-SECTIONS = {"decode": "decode", "prefill": "prefill", "speculate": "speculate", "gemv": "gemv", "quality": "quality",
-            "engine": "batching", "serve": "server", "prefix": "prefix", "train": "training", "sweep": "sweep",
-            "recipes": "recipes"}  # name: module
-DEFAULT = ["decode", "prefill", "speculate", "gemv", "quality", "engine", "serve", "prefix", "train"]
+SECTIONS = {"decode": "decode", "budget": "budget", "prefill": "prefill", "speculate": "speculate", "gemv": "gemv",
+            "quality": "quality", "engine": "batching", "serve": "server", "prefix": "prefix", "train": "training",
+            "sweep": "sweep", "recipes": "recipes"}  # name: module
+DEFAULT = ["decode", "budget", "prefill", "speculate", "gemv", "quality", "engine", "serve", "prefix", "train"]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -44,6 +44,10 @@ def machine():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; deselected, with the reason printed, where none is")
+    # As every entry point does first. Above all, Inductor's cache folder for this ATEN_CPU_CAPABILITY, before any
+    # test compiles: Inductor would otherwise take its default folder, shared by capped and uncapped runs.
+    from machine import prepare_process
+    prepare_process()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from tests.test_train import assert_same_run, small_run
+from tests.test_train import assert_same_run, free_port, small_run, torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
 KILLS = int(os.environ.get("FAULT_KILLS", "5"))
@@ -120,6 +120,38 @@ def test_torchrun_elastic_restart_resumes_from_last_ckpt(tok_path, tmp_path):
     assert final["step"] == 14 and killed_at < 14
     assert out.count("world 2 x micro-batch 4") == 2  # the workers started twice: once, then once restarted
     assert_same_run(load_checkpoint(tmp_path / "ref" / "run" / "last.ckpt"), final, atol=2e-5)
+
+
+def test_two_nodes_on_loopback_equal_one_node_and_survive_a_node_kill(tok_path, tmp_path):
+    """Two torchrun agents, one rank each, meet through c10d rendezvous on loopback as two "nodes". One node's
+    worker is SIGKILLed mid-run: both agents restart their workers (--max-restarts 1), which resume from
+    last.ckpt, and the run ends with the parameters of one node with two ranks."""
+    common = ["--max-steps", "14", "--micro-batch", "4", "--tokens-per-step", "512"]
+    torchrun(2, small_run(tok_path, tmp_path / "one", *common))
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "two-nodes",
+                               "--max-restarts", "1", "train.py",
+                               *small_run(tok_path, tmp_path / "two", *common, "--save-every", "1", "--auto-resume")],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"})
+             for _ in range(2)]
+    ckpt_path = tmp_path / "two" / "run" / "last.ckpt"
+    deadline = time.time() + 180
+    while not (ckpt_path.exists() and load_checkpoint(ckpt_path)["step"] >= 3) and time.time() < deadline:
+        assert all(node.poll() is None for node in nodes), nodes[0].communicate()[1][-4000:]
+        time.sleep(0.05)
+    worker = subprocess.run(["pgrep", "-P", str(nodes[1].pid)], capture_output=True, text=True).stdout.split()
+    assert len(worker) == 1, worker
+    killed_at = load_checkpoint(ckpt_path)["step"]
+    os.kill(int(worker[0]), signal.SIGKILL)
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-3000:] for _, err in outputs]
+    final = load_checkpoint(ckpt_path)
+    assert final["step"] == 14 and killed_at < 14
+    started = "".join(out for out, _ in outputs).count("world 2 x micro-batch 4")
+    assert started == 2  # rank 0 printed it twice: once, then once restarted
+    assert_same_run(load_checkpoint(tmp_path / "one" / "run" / "last.ckpt"), final, atol=0)
 
 
 class RunsCode:
