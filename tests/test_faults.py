@@ -126,7 +126,7 @@ def test_two_nodes_on_loopback_equal_one_node_and_survive_a_node_kill(tok_path, 
     """Two torchrun agents, one rank each, meet through c10d rendezvous on loopback as two "nodes". One node's
     worker is SIGKILLed mid-run: both agents restart their workers (--max-restarts 1), which resume from
     last.ckpt, and the run ends with the parameters of one node with two ranks."""
-    common = ["--max-steps", "14", "--micro-batch", "4", "--tokens-per-step", "512"]
+    common = ["--max-steps", "10", "--micro-batch", "4", "--tokens-per-step", "512"]
     torchrun(2, small_run(tok_path, tmp_path / "one", *common))
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
@@ -148,7 +148,7 @@ def test_two_nodes_on_loopback_equal_one_node_and_survive_a_node_kill(tok_path, 
     outputs = [node.communicate(timeout=600) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], [err[-3000:] for _, err in outputs]
     final = load_checkpoint(ckpt_path)
-    assert final["step"] == 14 and killed_at < 14
+    assert final["step"] == 10 and killed_at < 10
     started = "".join(out for out, _ in outputs).count("world 2 x micro-batch 4")
     assert started == 2  # rank 0 printed it twice: once, then once restarted
     assert_same_run(load_checkpoint(tmp_path / "one" / "run" / "last.ckpt"), final, atol=0)
