@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import tempfile
-from pathlib import Path
 
-from bench import llama, peers
-from bench.common import CHAT_PROMPTS, percentile, start_server
-from bench.server import load_test
+from bench.common import CHAT_PROMPTS, percentile
+from bench.server import load_test, peer_servers, serving
 from checkpoint import config_and_tokenizer, load_checkpoint
 
 
@@ -39,22 +36,11 @@ def bench_prefix(ckpt_path: str, threads: int, levels: list[int], requests: int 
     ours = [sys.executable, "serve.py", "--checkpoint", ckpt_path, "--batch-size", str(rows)]
     servers = {"ours, prefix cache": [*ours, "--port", "8941"],
                "ours, no prefix cache": [*ours, "--port", "8942", "--prefix-cache-mb", "0"]}
-    why = llama.missing(ckpt_path, "llama-server")
-    if why is None:
-        servers[f"llama-server -np {rows}"] = llama.server_command(llama.gguf_of(ckpt_path), threads, 8943, rows,
-                                                                     rows * 1024)
-    else:
-        print(f"prefix: llama-server {why}")
-    if peers.missing("vllm") is None:
-        servers["vLLM CPU bf16"] = peers.vllm_server_command(ckpt_path, 8944, rows)
+    servers |= peer_servers("prefix", ckpt_path, threads, rows, 8943, rows * 1024)
     out, texts = [], {}
     for name, command in servers.items():
-        port = command[command.index("--port") + 1]
-        server = start_server(command, f"http://127.0.0.1:{port}/v1/models",
-                              Path(tempfile.gettempdir()) / f"bench_prefix_{port}.log", threads)
-        try:
-            model = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
-            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        with serving("prefix", command, threads) as (base, model):
+            url = f"{base}/v1/chat/completions"
             asyncio.run(load_test(url, [b | {"model": model} for b in bodies[:2]], 1))  # warm-up
             for clients in levels:
                 done = asyncio.run(load_test(url, [b | {"model": model} for b in bodies], clients))
@@ -66,13 +52,10 @@ def bench_prefix(ckpt_path: str, threads: int, levels: list[int], requests: int 
                        "tok_s": sum(len(tok.encode(t)) for t in texts[name, clients]) / done["wall_s"],
                        "errors": sum(1 for d in done["requests"] if d["error"])}
                 if name.startswith("ours"):
-                    row["prefix_cache"] = httpx.get(f"http://127.0.0.1:{port}/health").json()["prefix_cache"]
+                    row["prefix_cache"] = httpx.get(f"{base}/health").json()["prefix_cache"]
                 out.append(row)
                 print(f"prefix {name:24} {clients:2} clients: TTFT p50 {row['ttft_p50_s']:.3f} p99 "
                       f"{row['ttft_p99_s']:.3f} s, {row['tok_s']:.1f} tok/s, {row['errors']} errors")
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
     for clients in levels:  # the cache must change no answer
         same = texts["ours, prefix cache", clients] == texts["ours, no prefix cache", clients]
         for row in out:

@@ -2,10 +2,12 @@
 streamed chat."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench import llama, peers
@@ -54,6 +56,41 @@ async def load_test(url: str, bodies: list[dict], clients: int) -> dict:
     return {"wall_s": time.perf_counter() - t0, "requests": sorted(done, key=lambda d: d["i"])}
 
 
+def peer_servers(section: str, ckpt_path: str, threads: int, rows: int, port: int,
+                 context: int) -> dict[str, list[str]]:
+    """The commands of llama-server (`rows` slots, `context` tokens in all, on `port`) and vLLM's CPU engine (bf16,
+    `rows` sequences, on port + 1), each where `make bench-install` put it; a line says which is missing."""
+    servers = {}
+    why = llama.missing(ckpt_path, "llama-server")
+    if why is None:
+        servers[f"llama-server -np {rows}"] = llama.server_command(llama.gguf_of(ckpt_path), threads, port, rows,
+                                                                     context)
+    else:
+        print(f"{section}: llama-server {why}")
+    why = peers.missing("vllm")
+    if why is None:
+        servers[f"vLLM CPU bf16 --max-num-seqs {rows}"] = peers.vllm_server_command(ckpt_path, port + 1, rows)
+    else:
+        print(f"{section}: vLLM's CPU engine {why}")
+    return servers
+
+
+@contextlib.contextmanager
+def serving(section: str, command: list[str], threads: int) -> Iterator[tuple[str, str]]:
+    """A server started from its command and stopped when the block ends: its base URL and its model's name."""
+    import httpx
+
+    port = command[command.index("--port") + 1]
+    base = f"http://127.0.0.1:{port}"
+    server = start_server(command, f"{base}/v1/models", Path(tempfile.gettempdir()) / f"bench_{section}_{port}.log",
+                          threads)
+    try:
+        yield base, httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
 def bench_serve(ckpt_path: str, threads: int, levels: list[int], requests: int = 64, max_tokens: int = 128,
                 rows: int = 32) -> list[dict]:
     """Load on an OpenAI-compatible server over loopback: `requests` chat prompts (every 4th of prompts/chat.txt:
@@ -63,8 +100,6 @@ def bench_serve(ckpt_path: str, threads: int, levels: list[int], requests: int =
     sequences) where `make bench-install` put it."""
     import asyncio
 
-    import httpx
-
     ckpt = load_checkpoint(ckpt_path, mmap=True)
     _, tok = config_and_tokenizer(ckpt)  # the tokenizer alone: the servers load the model
     texts = CHAT_PROMPTS.read_text().splitlines()[::4][:requests]
@@ -72,27 +107,14 @@ def bench_serve(ckpt_path: str, threads: int, levels: list[int], requests: int =
                "temperature": 0, "stream": True} for t in texts]
     servers = {"ours (serve.py)": [sys.executable, "serve.py", "--checkpoint", ckpt_path, "--port", "8931",
                                    "--batch-size", str(rows)]}
-    why = llama.missing(ckpt_path, "llama-server")
-    if why is None:
-        servers[f"llama-server -np {rows}"] = llama.server_command(llama.gguf_of(ckpt_path), threads, 8932, rows,
-                                                                     rows * 512)
-    else:
-        print(f"serve: llama-server {why}")
-    if peers.missing("vllm") is None:
-        servers[f"vLLM CPU bf16 --max-num-seqs {rows}"] = peers.vllm_server_command(ckpt_path, 8933, rows)
-    else:
-        print(f"serve: vLLM's CPU engine {peers.missing('vllm')}")
+    servers |= peer_servers("serve", ckpt_path, threads, rows, 8932, rows * 512)
     out = []
     for name, command in servers.items():
-        port = command[command.index("--port") + 1]
-        server = start_server(command, f"http://127.0.0.1:{port}/v1/models",
-                              Path(tempfile.gettempdir()) / f"bench_serve_{port}.log", threads)
-        try:
-            model = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
+        with serving("serve", command, threads) as (base, model):
             bodies = [b | {"model": model} for b in bodies]
-            asyncio.run(load_test(f"http://127.0.0.1:{port}/v1/chat/completions", bodies[:2], 1))  # warm-up
+            asyncio.run(load_test(f"{base}/v1/chat/completions", bodies[:2], 1))  # warm-up
             for clients in levels:
-                run = asyncio.run(load_test(f"http://127.0.0.1:{port}/v1/chat/completions", bodies, clients))
+                run = asyncio.run(load_test(f"{base}/v1/chat/completions", bodies, clients))
                 done = run["requests"]
                 ttft = [d["stamps"][0] - d["start"] for d in done if d["stamps"]] or [float("nan")]
                 itl = [b - a for d in done for a, b in zip(d["stamps"], d["stamps"][1:])] or [float("nan")]
@@ -107,9 +129,6 @@ def bench_serve(ckpt_path: str, threads: int, levels: list[int], requests: int =
                 print(f"serve {name:30} {clients:3} clients: {row['req_s']:5.2f} req/s {row['tok_s']:6.1f} tok/s, "
                       f"TTFT p50 {row['ttft_p50_s']:.2f} p99 {row['ttft_p99_s']:.2f} s, ITL p50 "
                       f"{row['itl_p50_ms']:.0f} p99 {row['itl_p99_ms']:.0f} ms, {row['errors']} errors")
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
     return out
 
 
