@@ -6,19 +6,29 @@ A checkpoint is a torch.save'd dict of plain data (tensors, numbers, strings, li
   tokenizer   the tokenizer.json text (also copied beside the checkpoint as tokenizer.json)
   + whatever the trainer adds: optimizer, step, train_args, rng, history, ...
 It loads with torch.load(weights_only=True), so a file that would run code on load is refused.
+
+A sharded checkpoint (train.py --fsdp) is a torch.distributed.checkpoint directory, NAME.dcp: every rank's
+shards of the model and optimizer state, plus meta.pt with the rest of the fields above. It loads on any
+number of ranks (resharded on load), and load_checkpoint turns it into the one-file dict.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
+import shutil
+import time
+import warnings
 import zipfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from config import DTYPES, ModelConfig
 from layers import QuantLinear
 from model import GPT
+from optim import make_optimizer, torch_optimizers
 from quantize import quantize_model
 from tokenizer import Tokenizer
 
@@ -60,11 +70,13 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A .ckpt file, or a run directory (its last.ckpt, else best.ckpt)."""
+    """A .ckpt file, a sharded .dcp directory, or a run directory (its last, else its best, of either kind)."""
     path = Path(path)
+    if is_sharded(path):
+        return path
     if path.is_dir():
-        for name in ("last.ckpt", "best.ckpt"):
-            if (path / name).is_file():
+        for name in ("last.ckpt", "last.dcp", "best.ckpt", "best.dcp"):
+            if (path / name).is_file() or is_sharded(path / name):
                 return path / name
         raise CheckpointError(f"no last.ckpt or best.ckpt in {path}; train first with `python train.py`")
     if not path.is_file():
@@ -75,6 +87,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
     """The checkpoint dict. mmap=True leaves the tensors on disk until they are read (for config/tokenizer)."""
     path = resolve_checkpoint(path)
+    if is_sharded(path):
+        meta = load_checkpoint(path / SHARDED_META, map_location, mmap)
+        return meta if mmap else consolidate(path, meta)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
@@ -86,10 +101,79 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path} is corrupt or truncated ({str(e).splitlines()[0][:120]}); "
                               f"delete it and use best.ckpt or retrain") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+    if not isinstance(ckpt, dict) or "config" not in ckpt or ("model" not in ckpt and path.name != SHARDED_META):
         raise CheckpointError(f"{path} is not a checkpoint of this repo (no model/config); "
                               f"convert it with convert.py")
     return ckpt
+
+
+# --- sharded checkpoints (FSDP runs) ----------------------------------------------------------------
+SHARDED_META = "meta.pt"
+
+
+def is_sharded(path: Path) -> bool:
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
+def save_sharded(path: Path, model: torch.nn.Module, optimizer, meta: dict) -> None:
+    """Collective. Every rank writes its shards into a new directory beside `path`, rank 0 adds meta.pt, then
+    points the link `path` at it in one rename: a kill at any moment leaves the previous copy whole."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, torch_optimizers(optimizer))
+    name = [f".{path.name}.{time.time_ns()}"]
+    dist.broadcast_object_list(name)  # one directory for all ranks
+    target = path.with_name(name[0])
+    try:
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=target)
+        if dist.get_rank() == 0:
+            save_checkpoint(target / SHARDED_META, meta)
+            link = path.with_name(f".{path.name}.link.tmp")
+            link.unlink(missing_ok=True)
+            os.symlink(target.name, link)
+            previous = path.resolve() if path.is_symlink() else None
+            os.replace(link, path)
+            if previous is not None:
+                shutil.rmtree(previous, ignore_errors=True)
+    except (OSError, RuntimeError) as e:  # DCP reports any rank's failed write to every rank
+        if dist.get_rank() == 0:
+            shutil.rmtree(target, ignore_errors=True)
+        raise CheckpointError(f"could not write {path}: {str(e).splitlines()[0][:150]}; free disk space and "
+                              f"retry (the previous {path.name}, if any, is intact)") from None
+    dist.barrier()
+
+
+def load_sharded(path: Path, model: torch.nn.Module, optimizer) -> None:
+    """Load a sharded checkpoint into a model and optimizer, sharded over any number of ranks or none."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    optimizers = torch_optimizers(optimizer)
+    model_state, optim_state = get_state_dict(model, optimizers)
+    with warnings.catch_warnings():  # DCP warns that it loads in one process when there is no group: we mean to
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=path.resolve(),
+                 no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizers, model_state_dict=model_state, optim_state_dict=optim_state)
+
+
+def consolidate(path: Path, meta: dict) -> dict:
+    """A sharded checkpoint as the one-file dict, optimizer state included (so a run can go on without FSDP)."""
+    model = GPT(ModelConfig(**meta["config"]))
+    optimizer = make_optimizer(model, argparse.Namespace(**meta["train_args"]))
+    load_sharded(path, model, optimizer)
+    return meta | {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+
+def clean_run_dir(run_dir: Path) -> None:
+    """Remove what a save killed midway left: temp files, and sharded copies no link points to."""
+    kept = {(run_dir / name).resolve() for name in ("last.dcp", "best.dcp") if (run_dir / name).is_symlink()}
+    for stale in run_dir.glob(".*.tmp"):
+        stale.unlink()
+    for copy in run_dir.glob(".*.dcp.*"):
+        if copy.is_dir() and copy.resolve() not in kept:
+            shutil.rmtree(copy, ignore_errors=True)
 
 
 def config_and_tokenizer(ckpt: dict) -> tuple[ModelConfig, Tokenizer]:

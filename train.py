@@ -1,17 +1,17 @@
 """Train a GPT preset: `python train.py` on one process, `torchrun --nproc_per_node N train.py` for DDP
-(gloo on CPU, nccl on CUDA). Defaults train `tiny` on the embedded Shakespeare corpus.
+(gloo on CPU, nccl on CUDA), `--fsdp` to shard the model and optimizer over the ranks (FSDP2; checkpoints
+become torch.distributed.checkpoint directories). Defaults train `tiny` on the embedded Shakespeare corpus.
 
   python train.py --preset tiny --time-budget 10
   torchrun --nproc_per_node 2 train.py --preset tiny --max-steps 200
+  torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py --fsdp ...
   python train.py --run-name tiny --resume --more-steps 50     # 50 more steps of a finished run
 
-The run: settings resolved once (the preset's recipe, a resumed run's saved arguments, the schedule), then the
-data, the model and optimizer, and the loop.
+The run's parts are built once by training.py (settings, data, model and optimizer); this file is the loop.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import random
@@ -26,28 +26,27 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from checkpoint import CheckpointError, clean_state_dict, config_and_tokenizer, load_checkpoint, save_checkpoint
-from config import (
-    DTYPES,
-    ArgumentParser,
-    ModelConfig,
-    add_model_args,
-    add_runtime_args,
-    config_from_args,
-    exit_with_error,
-    positive,
-)
+from checkpoint import CheckpointError, clean_run_dir, clean_state_dict, save_checkpoint, save_sharded
+from config import DTYPES, ArgumentParser, ModelConfig, add_model_args, add_runtime_args, exit_with_error, positive
 from distributed import setup_distributed
 from engine import generate
 from evaluate import evaluate
-from layers import bf16_gemms_run_in_fp32
 from machine import MACHINE, peak_matmul_flops, prepare_process
 from model import GPT
-from optim import BASE_RECIPE, BEFORE_RECIPES, RECIPES, lr_at, make_optimizer
+from optim import lr_at
 from tokenizer import Tokenizer
+from training import (
+    Settings,
+    UsageError,
+    agree_on_machine,
+    build_data,
+    build_model_and_optimizer,
+    explicit_args,
+    model_and_tokenizer,
+    resolve_settings,
+)
 
 SAMPLE_PROMPT = "ROMEO.\n"
-PER_PROCESS = {"device", "machine", "debug", "resume", "auto_resume"}  # never taken from a resumed run's saved args
 
 
 def build_parser() -> ArgumentParser:
@@ -91,6 +90,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="autocast dtype; auto = bf16 on CUDA (fp16 without bf16 support), fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard parameters, gradients and optimizer state over the ranks, block by block (FSDP2), "
+                        "for models that outgrow DDP; saves last.dcp/best.dcp, which resume on any number of ranks")
     p.add_argument("--resume", action="store_true", help="continue from checkpoints/RUN_NAME/last.ckpt")
     p.add_argument("--auto-resume", action="store_true",
                    help="resume if last.ckpt exists, else start (for restarts by torchrun or a scheduler)")
@@ -104,20 +106,6 @@ def build_parser() -> ArgumentParser:
     add_runtime_args(p)
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
-
-
-class UsageError(Exception):
-    """A flag that does not fit the run: exit code 2, like argparse's own errors."""
-
-
-class Settings(argparse.Namespace):
-    """The run's settings, resolved once (recipe defaults, resume merge, schedule); read-only from then on."""
-
-    def __init__(self, **values):
-        self.__dict__.update(values)
-
-    def __setattr__(self, name, value):
-        raise AttributeError(f"the run's settings are resolved once; {name} cannot change now")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,10 +132,12 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
     rank, world, device = setup_distributed(args.device)
     master = rank == 0
     run_dir = Path(args.out_dir) / (args.run_name or args.preset)
-    if master:
-        for stale in run_dir.glob(".*.tmp"):  # left by a save that was killed midway
-            stale.unlink()
+    if master and run_dir.is_dir():
+        clean_run_dir(run_dir)
     s, ckpt = resolve_settings(args, explicit, run_dir, device)
+    if s.fsdp and not dist.is_initialized():  # FSDP2 needs a process group, even a group of one
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
     cfg, tok = model_and_tokenizer(s, ckpt, rank)
     agree_on_machine(s, device)
     accum = max(1, round(s.tokens_per_step / (s.micro_batch * s.seq_len * world)))
@@ -177,6 +167,8 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
         print("args: " + " ".join(f"{k}={v}" for k, v in sorted(vars(s).items())))
 
     def payload() -> dict:  # collective in stream mode (each rank's stream position): every rank builds it
+        # A sharded run's model and optimizer are saved apart, by every rank (save_sharded).
+        weights = {} if s.fsdp else {"model": clean_state_dict(raw_model), "optimizer": opt.state_dict()}
         data_state = None
         if s.data_mode == "stream":
             data_state = [None] * world
@@ -184,7 +176,7 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
                 dist.all_gather_object(data_state, loader.state_dict())
             else:
                 data_state = [loader.state_dict()]
-        return {"model": clean_state_dict(raw_model), "optimizer": opt.state_dict(), "config": cfg.to_dict(),
+        return weights | {"config": cfg.to_dict(),
                 "tokenizer": tok.to_str(), "eos_token": tok.hf.id_to_token(tok.eos_id),
                 "chat_template": tok.chat_template, "step": step, "elapsed_s": elapsed, "train_args": vars(s),
                 "data_state": data_state, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
@@ -241,14 +233,21 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
                 history["val_elapsed_s"].append((step, elapsed))
                 improved, best_val = val_loss < best_val, min(best_val, val_loss)
             state = payload() if saving or improved else None
+            sampler = full_model(model, cfg) if s.fsdp and evaluating else raw_model  # collective under FSDP
             if master and evaluating:
                 bar.write(f"step {step}: val loss {val_loss:.4f}  val bits/byte {bpb:.4f}  "
-                          f"| {sample(raw_model, tok)!r}")
+                          f"| {sample(sampler, tok)!r}")
                 plot_losses(history, run_dir / "loss.png")
+            if s.fsdp:
+                if improved:
+                    save_sharded(run_dir / "best.dcp", model, opt, state | {"val_bpb": bpb})
+                if saving:
+                    save_sharded(run_dir / "last.dcp", model, opt, state)
+            elif master:
                 if improved:
                     save_checkpoint(run_dir / "best.ckpt", state | {"val_bpb": bpb})
-            if master and saving:
-                save_checkpoint(run_dir / "last.ckpt", state)
+                if saving:
+                    save_checkpoint(run_dir / "last.ckpt", state)
             if interrupted:
                 if master:
                     print(f"interrupted at step {step}; saved {run_dir}/last.ckpt; continue with --resume",
@@ -277,17 +276,22 @@ def optimizer_step(model, raw_model: GPT, opt, scaler, loader, autocast, accum: 
     update) when the loss or the gradient is not finite (fp16's GradScaler skips such steps itself)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     loss_sum = torch.zeros((), device=device)
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     for micro in range(accum):
         x, y = (t.to(device) for t in loader.next_batch())
-        # DDP: no gradient all-reduce until the last micro-step; the forward must be inside no_sync too.
-        skip_sync = dist.is_initialized() and micro < accum - 1
-        with model.no_sync() if skip_sync else nullcontext():
+        # No gradient all-reduce (DDP) or reduce-scatter (FSDP) until the last micro-step; under DDP the forward
+        # must be inside no_sync too.
+        if s.fsdp:
+            model.set_requires_gradient_sync(micro == accum - 1)
+        with model.no_sync() if ddp and micro < accum - 1 else nullcontext():
             with autocast:
                 _, loss = model(x, y)
             scaler.scale(loss / accum).backward()
         loss_sum += loss.detach()
     scaler.unscale_(opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), s.grad_clip)
+    if s.fsdp:
+        grad_norm = grad_norm.full_tensor()  # a DTensor, the same on every rank
     if dist.is_initialized():
         dist.all_reduce(loss_sum)  # gloo has no AVG
     train_loss = loss_sum.item() / accum / world
@@ -327,139 +331,21 @@ class Meter:
                 f"{step * self.tokens_per_step:,} tokens in {elapsed / 60:.1f} min")
 
 
-# --- the run's parts, each built once -------------------------------------------------------------------
-def explicit_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict:
-    """The options the user actually typed (so --resume can keep the checkpoint's values for the rest)."""
-    bare = copy.deepcopy(parser)
-    for action in bare._actions:
-        action.default = argparse.SUPPRESS
-    return vars(bare.parse_args(argv))
-
-
-def resolve_settings(args: argparse.Namespace, explicit: dict, run_dir: Path,
-                     device: torch.device) -> tuple[Settings, dict | None]:
-    """Every setting of the run, once: a new run takes its preset's recipe where no flag says otherwise; a
-    resumed run takes its saved arguments where no flag was typed now (its model and optimizer must stay); then
-    the dtype, the schedule's step counts and the minimum rate."""
-    values, ckpt = vars(args).copy(), None
-    if values["resume"] or (values["auto_resume"] and (run_dir / "last.ckpt").exists()):
-        ckpt = load_checkpoint(run_dir / "last.ckpt")
-        saved = {k: v for k, v in (BEFORE_RECIPES | ckpt["train_args"]).items() if k not in PER_PROCESS}
-        changed = sorted(k for k in explicit if k in {*ckpt["config"], "preset", "optimizer"}
-                         if explicit[k] != (saved | ckpt["config"]).get(k))
-        if changed:
-            raise UsageError(f"{run_dir} was trained with another model config or optimizer ({', '.join(changed)} "
-                             f"differ); drop those flags to resume, or pick a new --run-name")
-        values = {**values, **saved, **explicit, "resume": True}
-        if values["more_steps"]:  # N steps from the checkpoint; past the schedule's end they run at min_lr
-            values["max_steps"] = ckpt["step"] + values["more_steps"]
-            values["decay_steps"] = values.get("decay_steps") or ckpt["step"]  # a budget run ended its schedule
-            values["time_budget"] = None
-    else:
-        values |= {k: v for k, v in (BASE_RECIPE | RECIPES.get(args.preset, {})).items() if values[k] is None}
-    if values["dtype"] == "auto":
-        if device.type == "cuda":
-            values["dtype"] = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            values["dtype"] = "fp32"  # bf16 autocast is no faster on the CPUs we measured (README)
-    if values["dtype"] == "fp16" and device.type != "cuda":
-        raise UsageError("--dtype fp16 needs a CUDA GPU (it uses a GradScaler); use --dtype bf16 on CPU")
-    if values["decay_frac"] > 1:
-        raise UsageError(f"--decay-frac must be in (0, 1], the share of the run that decays "
-                         f"(got {values['decay_frac']})")
-    if values["time_budget"] and values["warmup_steps"]:
-        raise UsageError("--warmup-steps counts steps, which a --time-budget run cannot know ahead; "
-                         "use --warmup-frac")
-    if not values["time_budget"]:
-        values["max_steps"] = values["max_steps"] or 2000
-        values["decay_steps"] = values.get("decay_steps") or values["max_steps"]
-        if values["warmup_steps"]:
-            values["warmup_frac"] = values["warmup_steps"] / values["decay_steps"]
-    values["min_lr"] = values["lr"] / 10 if values["min_lr"] is None else values["min_lr"]
-    try:
-        cfg = ModelConfig(**ckpt["config"]) if ckpt else config_from_args(args)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    values["seq_len"] = values["seq_len"] or cfg.max_seq_len
-    if values["seq_len"] > cfg.max_seq_len:
-        raise UsageError(f"--seq-len {values['seq_len']} exceeds the model's max_seq_len {cfg.max_seq_len}; "
-                         f"also pass --max-seq-len {values['seq_len']}")
-    return Settings(**values), ckpt
-
-
-def model_and_tokenizer(s: Settings, ckpt: dict | None, rank: int) -> tuple[ModelConfig, Tokenizer]:
-    """A resumed run's own config and tokenizer; a new run's from its flags, with the tokenizer given or trained
-    on the corpus (by rank 0, while the others wait)."""
-    if ckpt:
-        return config_and_tokenizer(ckpt)
-    cfg = config_from_args(s)
-    path = s.tokenizer
-    if not path:
-        path = data.corpus_tokenizer(s.data, cfg.vocab_size, s.data_dir, s.text_field, s.val_docs, train=rank == 0)
-        if dist.is_initialized():
-            dist.barrier()
-    tok = Tokenizer.load(path)
-    if tok.vocab_size > cfg.vocab_size:
-        raise UsageError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}; "
-                         f"pass --vocab-size {tok.vocab_size} or a smaller tokenizer")
-    return cfg, tok
-
-
-def agree_on_machine(s: Settings, device: torch.device) -> None:
-    """Rank 0 decides the per-machine choices this run needs (the bf16 GEMM route, for bf16 autocast or Muon's
-    Newton-Schulz on a CPU), and every rank takes them, so no rank goes down another path."""
-    if dist.is_initialized() and dist.get_rank() != 0:
-        MACHINE.share()
-        return
-    if device.type == "cpu" and (s.dtype == "bf16" or s.optimizer == "muon"):
-        bf16_gemms_run_in_fp32()
-    if dist.is_initialized():
-        MACHINE.share()
-
-
-def build_data(s: Settings, tok: Tokenizer, rank: int, world: int, accum: int, ckpt: dict | None):
-    """The training batches (prepared shards, deterministic in the step; or a stream, resumed where the
-    checkpoint left it), the validation chunks (always prepared) and each token's byte count."""
-    tokens_dir = Path(s.data_dir) / f"{Path(s.data).name}-{data.tokenizer_hash(tok)}"
-    if rank == 0:
-        data.prepare(s.data, tok, tokens_dir, s.text_field, s.val_docs, data_dir=s.data_dir,
-                     splits=("train", "val") if s.data_mode == "prepare" else ("val",))
-    if dist.is_initialized():
-        dist.barrier()
-    meta = data.read_meta(tokens_dir)
-    if s.data_mode == "prepare":
-        loader = data.TokenLoader(data.Chunks(data.load_shards(tokens_dir, meta, "train"), s.seq_len),
-                                  s.micro_batch, accum, rank, world, s.seed, ckpt["step"] if ckpt else 0)
-    else:
-        stream = data.open_dataset(s.data, s.text_field).skip(s.val_docs)
-        loader = data.StreamLoader(stream, tok, s.text_field, s.seq_len, s.micro_batch, rank, world)
-        if ckpt:
-            loader.load_state_dict(ckpt["data_state"][rank])
-    val_chunks = data.Chunks(data.load_shards(tokens_dir, meta, "val"), s.seq_len)
-    if len(val_chunks) == 0:
-        raise data.DataError(f"validation split has fewer than {s.seq_len + 1} tokens; use more --val-docs")
-    return loader, val_chunks, data.token_byte_lengths(tok)
-
-
-def build_model_and_optimizer(s: Settings, cfg: ModelConfig, device: torch.device, ckpt: dict | None):
-    """The model (the raw one, and the one to call: compiled and DDP-wrapped as asked) and its optimizer, both
-    restored from the checkpoint on resume."""
-    raw_model = GPT(cfg).to(device)
-    opt = make_optimizer(raw_model, s)
-    if ckpt:
-        raw_model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-    model = torch.compile(raw_model) if s.compile else raw_model
-    if dist.is_initialized():
-        # broadcast_buffers=False: the only buffers are the constant RoPE tables.
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
-    return raw_model, model, opt
-
-
 def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int) -> float:
     matmul_params = n_params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)  # lookup is free
     return 6 * matmul_params + 12 * cfg.n_layer * cfg.d_model * seq_len  # PaLM appendix B
+
+
+def full_model(sharded: torch.nn.Module, cfg: ModelConfig) -> GPT | None:
+    """Collective: the whole model, gathered from the shards, on rank 0 (None elsewhere), to sample from."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    model = GPT(cfg)
+    model.load_state_dict(state)
+    return model
 
 
 def sample(model: GPT, tok: Tokenizer, max_new_tokens: int = 48) -> str:

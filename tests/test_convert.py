@@ -13,6 +13,7 @@ from gguf.quants import dequantize, quantize
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import convert
+import gguf_file
 from checkpoint import load_checkpoint, load_model, model_from_checkpoint, save_checkpoint
 from config import get_config
 from engine import generate
@@ -83,7 +84,7 @@ def test_from_hf_of_a_transformers_model(small_tokenizer, tmp_path):
 def smollm2(tmp_path_factory):
     gguf_path = convert.fetch_smollm2(ROOT / "checkpoints" / "cache")
     out = tmp_path_factory.mktemp("smollm2")
-    path = convert.save_converted(convert.read_gguf(gguf_path), out)
+    path = convert.save_converted(gguf_file.read_gguf(gguf_path), out)
     return gguf_path, load_checkpoint(path)
 
 
@@ -143,7 +144,7 @@ def test_to_hf_cli_loads_in_transformers(small_tokenizer, tmp_path):
 
 
 # --- GGUF files written here with the gguf package's own writer and quantizers ---------------------------
-GGUF_NAME_OF = {ours: gguf for gguf, ours in convert.GGUF_NAMES.items()}
+GGUF_NAME_OF = {ours: gguf for gguf, ours in gguf_file.GGUF_NAMES.items()}
 
 
 def gguf_name(ours: str) -> str:
@@ -151,7 +152,7 @@ def gguf_name(ours: str) -> str:
         return GGUF_NAME_OF[ours]
     _, layer, rest = ours.split(".", 2)
     module, suffix = rest.rsplit(".", 1)
-    part = next(g for g, o in convert.GGUF_LAYER_NAMES.items() if o == module)
+    part = next(g for g, o in gguf_file.GGUF_LAYER_NAMES.items() if o == module)
     return f"blk.{layer}.{part}.{suffix}"
 
 
@@ -197,7 +198,7 @@ def write_llama_gguf(path: Path, ckpt: dict, tok: Tokenizer, qtype: str, pre: st
             packed = quantize(stored, kind)
             writer.add_tensor(gguf_name(name), packed, raw_shape=packed.shape, raw_dtype=kind)
             back = dequantize(packed, kind).reshape(w.shape)
-            held[name] = torch.from_numpy(convert.unpermute_rope(back, heads) if heads else back.copy())
+            held[name] = torch.from_numpy(gguf_file.unpermute_rope(back, heads) if heads else back.copy())
     if cfg["tie_embeddings"]:
         held["lm_head.weight"] = held["embed_tokens.weight"]
     writer.write_header_to_file()
@@ -215,7 +216,7 @@ GGUF_LOGIT_ERROR = {"F32": 0.0, "F16": 1e-3, "BF16": 1e-2, "Q8_0": 2e-2, "Q4_0":
 def test_gguf_types_load_as_the_gguf_package_dequantizes_them(qtype, small_tokenizer, tmp_path):
     ckpt = ours_ckpt(shrunk(2, True), small_tokenizer)
     held = write_llama_gguf(tmp_path / "m.gguf", ckpt, small_tokenizer, qtype)
-    read = convert.read_gguf(tmp_path / "m.gguf")
+    read = gguf_file.read_gguf(tmp_path / "m.gguf")
     assert read["config"] == ckpt["config"] | {"init_std": read["config"]["init_std"]}
     assert read["model"].keys() == held.keys()
     for name, tensor in held.items():
@@ -232,7 +233,7 @@ def test_gguf_types_load_as_the_gguf_package_dequantizes_them(qtype, small_token
 def test_gguf_pre_tokenizers_match_transformers(pre, small_tokenizer, tmp_path):
     ckpt = ours_ckpt(shrunk(2, True), small_tokenizer)
     write_llama_gguf(tmp_path / "m.gguf", ckpt, small_tokenizer, "F32", pre=pre)
-    ours = Tokenizer.from_str(convert.read_gguf(tmp_path / "m.gguf")["tokenizer"])
+    ours = Tokenizer.from_str(gguf_file.read_gguf(tmp_path / "m.gguf")["tokenizer"])
     theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
     for text in [*TOKENIZER_STRINGS, "I'm sure they'LL say 12345678 isn't 9.", "tabs\t\t and\r\n\r\nline ends  "]:
         assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), (pre, text)
@@ -279,3 +280,46 @@ def test_keep_quantized_blocks_run_exactly_as_gguf_stores_them(qtype, small_toke
     ids = torch.tensor([0, 7, 511])
     assert torch.equal(model.embed_tokens(ids), held["embed_tokens.weight"][ids])
     assert hashlib.sha256((tmp_path / "run" / "last.ckpt").read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("weight_type", ["F32", "F16", "Q8_0", "Q4_0"])
+def test_to_gguf_loads_in_transformers_with_our_logits_and_tokenizer(weight_type, small_tokenizer, tmp_path):
+    """convert.py to-gguf: one of our checkpoints with its own BPE tokenizer, read by transformers' GGUF loader
+    (an independent reader). F32: its logits are ours to float rounding. Every type: its logits equal those of
+    our model read back from the same file; each stored weight is the original, rounded to F16, or within half
+    a quantization step of its block (plus the step's own F16 rounding). Its tokenizer encodes as ours."""
+    cfg = shrunk(2, False)
+    ckpt = ours_ckpt(cfg, small_tokenizer) | {"eos_token": small_tokenizer.hf.id_to_token(small_tokenizer.eos_id)}
+    save_checkpoint(tmp_path / "run" / "last.ckpt", ckpt)
+    convert.main(["to-gguf", str(tmp_path / "run"), "--out", str(tmp_path / "m.gguf"), "--type", weight_type])
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").eval()
+    read = gguf_file.read_gguf(tmp_path / "m.gguf")
+    assert read["config"] == ckpt["config"] | {"init_std": read["config"]["init_std"]}
+    original, _ = model_from_checkpoint(ckpt)
+    back, _ = model_from_checkpoint(read)
+    idx = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want, read_back = theirs(idx).logits, original(idx)[0], back(idx)[0]
+    assert torch.allclose(got, read_back, atol=1e-4, rtol=0)
+    if weight_type == "F32":
+        assert torch.allclose(got, want, atol=1e-4, rtol=0)
+    for name, w in ckpt["model"].items():
+        stored = read["model"][name]
+        if w.dim() == 1 or weight_type == "F32":
+            assert torch.equal(stored, w), name
+        elif weight_type == "F16":
+            assert torch.equal(stored, w.half().float()), name
+        else:  # Q8_0: 127 steps each way of the block's largest |w|, error within half a step; Q4_0: 8 steps
+            # down and 7 up, so values at the short end may be a whole step off. The step is stored as F16,
+            # whose rounding (2^-11 of it) is multiplied by up to `steps`.
+            steps, error = {"Q8_0": (127, 0.5), "Q4_0": (8, 1.0)}[weight_type]
+            blocks_w, blocks_s = w.reshape(-1, 32), stored.reshape(-1, 32)
+            step = blocks_w.abs().amax(dim=1, keepdim=True) / steps
+            assert ((blocks_s - blocks_w).abs() <= step * (error + steps * 2 ** -11) * 1.001).all(), name
+            assert not torch.equal(stored, w)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for text in TOKENIZER_STRINGS:
+        assert tokenizer.encode(text, add_special_tokens=False) == small_tokenizer.encode(text), text
+    assert Tokenizer.from_str(read["tokenizer"]).encode(TOKENIZER_STRINGS[1]) == small_tokenizer.encode(
+        TOKENIZER_STRINGS[1])
+    assert read["eos_token"] == ckpt["eos_token"]

@@ -9,8 +9,8 @@ FLOORS = [
     {"tokenizer", "layers"},                   # BPE; the linear paths and the kernels.cpp loader
     {"model", "data", "scheduler", "prefix_cache"},  # the model; corpora; which request runs where; KV blocks kept
     {"quantize", "optim", "evaluate"},         # model surgery; optimizers and schedules; bits per byte
-    {"checkpoint", "runner"},                  # the one checkpoint format and load_model; the model runner
-    {"engine"},                                # the generation loop
+    {"checkpoint", "runner", "gguf_file"},     # the one checkpoint format and load_model; the model runner; GGUF
+    {"engine", "training"},                    # the generation loop; a training run's parts
     {"train", "convert", "inference", "serve", "app"},  # the scripts
 ]
 SCRIPTS = FLOORS[-1]
