@@ -158,6 +158,8 @@ class Engine:
         r = seq.request
         if r.first_token_at is None:
             r.first_token_at = time.perf_counter()
+            if r.on_first_token is not None:
+                r.on_first_token(r)
         if token == self.eos_id and not r.ignore_eos:
             return self._finish(seq, "stop", finished)
         r.tokens.append(token)

@@ -33,6 +33,7 @@ class Request:
     speculate: int = 0                     # draft tokens per step from n-gram lookup (0: none); same output
     on_text: Callable[[str], None] | None = None  # streamed text pieces, whole characters, stop strings held back
     on_done: Callable[[Request], None] | None = None  # called by EngineLoop when it finishes
+    on_first_token: Callable[[Request], None] | None = None  # called by the engine: its prompt has been run
     id: object = None                      # the caller's own handle
     cancelled: bool = False                # set from any thread: the row is freed at the next step
     # ---

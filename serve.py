@@ -5,21 +5,24 @@ as a row frees up. The engine runs in a background thread; the event loop never 
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi!"}]}'
 
-Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream or not).
+Endpoints: GET /health, GET /metrics (Prometheus), GET /v1/models, POST /v1/completions,
+POST /v1/chat/completions (stream or not). One access-log line per request on stdout.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import threading
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import uvicorn
 from fastapi import Depends, FastAPI
 from fastapi import Request as HTTPRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from checkpoint import CheckpointError, describe_weights, load_model
 from config import ArgumentParser, add_inference_args, positive
@@ -29,6 +32,7 @@ from tokenizer import Tokenizer
 
 MAX_BODY_BYTES = 1 << 20     # a request body larger than this is refused (413)
 MAX_PROMPT_CHARS = 100_000   # and so is a prompt (or all messages) longer than this (400)
+MAX_CHOICES = 16             # the most completions of one prompt a request may ask for ('n')
 UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "best_of")
 
 
@@ -60,10 +64,63 @@ def number(body: dict, name: str, default, low: float, high: float, integer: boo
     return value
 
 
+class Metrics:
+    """Prometheus metrics in a registry of their own (scraped at /metrics), and the access log: one line per
+    request with its id, status, tokens, time to first token and total time."""
+
+    def __init__(self, engine: Engine):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client.core import CounterMetricFamily
+
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("slm_requests", "HTTP requests answered, by endpoint and status",
+                                ["endpoint", "status"], registry=registry)
+        self.prompt_tokens = Counter("slm_prompt_tokens", "prompt tokens of answered requests", registry=registry)
+        self.generated_tokens = Counter("slm_generated_tokens", "tokens generated for answered requests",
+                                        registry=registry)
+        latency = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+        self.ttft = Histogram("slm_time_to_first_token_seconds", "from a request's arrival to its first token",
+                              buckets=latency, registry=registry)
+        self.inter_token = Histogram("slm_inter_token_seconds", "each request's mean time between its tokens",
+                                     buckets=latency, registry=registry)
+        self.total = Histogram("slm_request_seconds", "from a request's arrival to its last token", buckets=latency,
+                               registry=registry)
+        Gauge("slm_queue_depth", "requests waiting for a row", registry=registry).set_function(engine.queued)
+        Gauge("slm_busy_rows", "rows generating now", registry=registry).set_function(engine.active)
+        Gauge("slm_rows", "rows the engine steps at once", registry=registry).set(engine.rows)
+
+        class Steps:  # read from the engine at each scrape; rate(slm_engine_steps_total[1m]) is steps per second
+            def collect(self):
+                yield CounterMetricFamily("slm_engine_steps", "engine steps (model passes) run",
+                                          value=engine.stats["steps"])
+        registry.register(Steps())
+
+    def answered(self, endpoint: str, status: int, rid: str = "-", gens: list[Request] = ()) -> None:
+        """One HTTP request answered; gens: its completions (n of them), which share one prompt and arrival."""
+        self.requests.labels(endpoint, str(status)).inc()
+        if not gens or any(gen.finished_at is None for gen in gens):
+            print(f"access: {rid} {endpoint} {status}", flush=True)
+            return
+        arrived, tokens = gens[0].submitted, sum(len(gen.tokens) for gen in gens)
+        ttft = min(gen.first_token_at or gen.finished_at for gen in gens) - arrived
+        total = max(gen.finished_at for gen in gens) - arrived
+        self.prompt_tokens.inc(len(gens[0].prompt))
+        self.generated_tokens.inc(tokens)
+        self.ttft.observe(ttft)
+        for gen in gens:
+            if len(gen.tokens) > 1:
+                self.inter_token.observe((gen.finished_at - gen.first_token_at) / (len(gen.tokens) - 1))
+        self.total.observe(total)
+        print(f"access: {rid} {endpoint} {status} prompt_tokens={len(gens[0].prompt)} completion_tokens={tokens} "
+              f"finish={','.join(str(gen.finish_reason) for gen in gens)} ttft={ttft:.3f}s total={total:.3f}s",
+              flush=True)
+
+
 def create_app(engine: EngineLoop, tok: Tokenizer, model_name: str, api_key: str | None = None,
-               max_queue: int = 256, speculate: bool = False, draft_tokens: int = 8) -> FastAPI:
+               max_queue: int = 256, speculate: bool = False, draft_tokens: int = 8,
+               metrics: bool = True) -> FastAPI:
     """The API over an engine thread; speculate: n-gram drafts of draft_tokens for requests that do not say
-    ("speculate": "ngram" or "none" in the body)."""
+    ("speculate": "ngram" or "none" in the body); metrics: serve /metrics."""
     async def check_key_and_size(request: HTTPRequest):
         # a dependency, not an @app.middleware: that wrapper hides a client's disconnect from the handler
         if api_key is not None and request.url.path.startswith("/v1/") and \
@@ -76,10 +133,18 @@ def create_app(engine: EngineLoop, tok: Tokenizer, model_name: str, api_key: str
     app = FastAPI(title="slm", docs_url=None, redoc_url=None, dependencies=[Depends(check_key_and_size)])
     created = int(time.time())
     max_len = engine.engine.max_len
+    watch = Metrics(engine.engine)
 
     @app.exception_handler(APIError)
-    async def api_error(_, e: APIError):
+    async def api_error(request: HTTPRequest, e: APIError):
+        watch.answered(request.url.path, e.status)
         return error_response(e)
+
+    if metrics:
+        @app.get("/metrics")
+        async def scrape():
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+            return Response(generate_latest(watch.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health():
@@ -111,8 +176,7 @@ def create_app(engine: EngineLoop, tok: Tokenizer, model_name: str, api_key: str
         for name in UNSUPPORTED:
             if body.get(name) not in (None, False) and not (name == "best_of" and body[name] == 1):
                 raise APIError(400, f"'{name}' is not supported by this server", name)
-        if body.get("n", 1) != 1:
-            raise APIError(400, f"'n' must be 1 (one completion per request), not {body['n']!r}", "n")
+        number(body, "n", 1, 1, MAX_CHOICES, integer=True)
         return body
 
     def generation(body: dict, prompt: str, default_max: int | None) -> Request:
@@ -150,57 +214,86 @@ def create_app(engine: EngineLoop, tok: Tokenizer, model_name: str, api_key: str
                        speculate=draft_tokens if speculating == "ngram" else 0, ignore_eos=ignore_eos)
 
     async def respond(request: HTTPRequest, body: dict, gen: Request, chat: bool):
+        """Run gen, or its n copies (choice i samples with seed + i), and answer: streamed or whole."""
         loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
-        if body.get("stream"):
-            gen.on_text = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)
-        gen.on_done = lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None)
+        gens = [gen] + [replace(gen, seed=None if gen.seed is None else gen.seed + i, tokens=[])
+                        for i in range(1, body.get("n", 1))]
+        for i, g in enumerate(gens):
+            if body.get("stream"):
+                g.on_text = lambda piece, i=i: loop.call_soon_threadsafe(pieces.put_nowait, (i, piece))
+            g.on_done = lambda _, i=i: loop.call_soon_threadsafe(pieces.put_nowait, (i, None))
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         head = {"id": rid, "created": int(time.time()), "model": model_name}
+        endpoint = request.url.path
+        prompted = asyncio.Event()
+        gen.on_first_token = lambda _: loop.call_soon_threadsafe(prompted.set)
+        gen.on_done = lambda _: loop.call_soon_threadsafe(lambda: (prompted.set(), pieces.put_nowait((0, None))))
         engine.submit(gen)
+        if len(gens) > 1:  # the others start once the first has run the prompt, whose blocks the prefix cache kept
+            await prompted.wait()
+            for g in gens[1:]:
+                engine.submit(g)
 
         def usage() -> dict:
-            n = len(gen.tokens)
+            n = sum(len(g.tokens) for g in gens)
             return {"prompt_tokens": len(gen.prompt), "completion_tokens": n, "total_tokens": len(gen.prompt) + n}
 
-        def choice(text: str | None, finish: str | None, stream: bool) -> dict:
+        def choice(i: int, text: str | None, finish: str | None, stream: bool) -> dict:
             if not chat:
-                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                return {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
             if stream:  # a piece of the answer, or (text None) the last chunk, which only says why it ended
-                return {"index": 0, "delta": {} if text is None else {"content": text}, "finish_reason": finish}
-            return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                return {"index": i, "delta": {} if text is None else {"content": text}, "finish_reason": finish}
+            return {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
 
         if body.get("stream"):
             async def events():
                 try:
                     kind = "chat.completion.chunk" if chat else "text_completion"
                     if chat:
-                        first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                        yield f"data: {json.dumps(head | {'object': kind, 'choices': [first]})}\n\n"
-                    while (piece := await pieces.get()) is not None:
-                        yield f"data: {json.dumps(head | {'object': kind, 'choices': [choice(piece, None, True)]})}\n\n"
-                    if gen.finish_reason == "error":
-                        yield f"data: {json.dumps({'error': {'message': gen.error, 'type': 'server_error'}})}\n\n"
-                    else:
-                        end = choice(None, gen.finish_reason, True)
-                        yield f"data: {json.dumps(head | {'object': kind, 'choices': [end], 'usage': usage()})}\n\n"
+                        first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                                 for i in range(len(gens))]
+                        yield f"data: {json.dumps(head | {'object': kind, 'choices': first})}\n\n"
+                    running = len(gens)
+                    while running:
+                        i, piece = await pieces.get()
+                        running -= piece is None
+                        if piece is not None or gens[i].finish_reason != "error":
+                            # a piece, or a choice's end; the last end also carries the usage of them all
+                            end = {"usage": usage()} if not running else {}
+                            out = [choice(i, piece, None if piece is not None else gens[i].finish_reason, True)]
+                            yield f"data: {json.dumps(head | {'object': kind, 'choices': out} | end)}\n\n"
+                    failed = [g.error for g in gens if g.finish_reason == "error"]
+                    if failed:
+                        yield f"data: {json.dumps({'error': {'message': failed[0], 'type': 'server_error'}})}\n\n"
                     yield "data: [DONE]\n\n"
-                finally:  # the client went away (or we are done): its row is freed at the next step
-                    gen.cancelled = True
+                    watch.answered(endpoint, 500 if failed else 200, rid, gens)
+                except asyncio.CancelledError:
+                    watch.answered(endpoint, 499, rid)
+                    raise
+                finally:  # the client went away (or we are done): its rows are freed at the next step
+                    for g in gens:
+                        g.cancelled = True
             return StreamingResponse(events(), media_type="text/event-stream")
         try:
-            while True:  # wait for the result (only None comes), but give up the row if the client disconnects
+            running = len(gens)
+            while running:  # wait for the results, but give up the rows if the client disconnects
                 try:
                     await asyncio.wait_for(pieces.get(), timeout=0.5)
-                    break
+                    running -= 1
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
+                        watch.answered(endpoint, 499, rid)
                         return JSONResponse({}, status_code=499)
         finally:
-            gen.cancelled = True
-        if gen.finish_reason == "error":
-            raise APIError(500, f"generation failed: {gen.error}")
+            for g in gens:
+                g.cancelled = True
+        failed = [g.error for g in gens if g.finish_reason == "error"]
+        if failed:
+            raise APIError(500, f"generation failed: {failed[0]}")
+        watch.answered(endpoint, 200, rid, gens)
         kind = "chat.completion" if chat else "text_completion"
-        return head | {"object": kind, "choices": [choice(gen.text, gen.finish_reason, False)], "usage": usage()}
+        choices = [choice(i, g.text, g.finish_reason, False) for i, g in enumerate(gens)]
+        return head | {"object": kind, "choices": choices, "usage": usage()}
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
@@ -239,6 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-queue", type=positive(int), default=256, help="waiting requests before 429")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/")
     p.add_argument("--model-name", default=None, help="the model's id (default: the checkpoint's folder name)")
+    p.add_argument("--metrics", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve Prometheus metrics at GET /metrics")
     add_inference_args(p)
     args = p.parse_args(argv)
     try:
@@ -251,7 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     max_len = min(args.max_len, model.config.max_seq_len)
     engine = EngineLoop(Engine(model, rows=args.batch_size, max_len=max_len, tokenizer=tok, step=args.step,
                                prefix_cache_mb=args.prefix_cache_mb))
-    app = create_app(engine, tok, name, args.api_key, args.max_queue, args.speculate == "ngram", args.draft_tokens)
+    app = create_app(engine, tok, name, args.api_key, args.max_queue, args.speculate == "ngram", args.draft_tokens,
+                     args.metrics)
     # HTTP in a thread of its own; the engine steps in the main thread (see EngineLoop).
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
     http = threading.Thread(target=server.run, daemon=True, name="http")

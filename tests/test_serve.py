@@ -43,15 +43,17 @@ def checkpoint(small_tokenizer, tmp_path_factory):
 
 
 def start_server(checkpoint, *flags):
+    """serve.py on a free port; its output (one access-log line per request) goes to serve-PORT.log beside the
+    checkpoint, which nothing has to keep reading."""
     port = free_port()
+    log = Path(checkpoint) / f"serve-{port}.log"
     proc = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", str(checkpoint), "--port", str(port),
-                             "--device", "cpu", *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True,
+                             "--device", "cpu", *flags], cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        assert proc.poll() is None and time.time() < deadline, log.read_text()
         try:
             httpx.get(f"{url}/health", timeout=2)
             return proc, url
@@ -171,7 +173,7 @@ BAD = [  # (json body or raw bytes, status, text in the message)
     ({"model": "tiny-chat", "prompt": "hi", "temperature": -1}, 400, "'temperature' must be in [0, 2]"),
     ({"model": "tiny-chat", "prompt": "hi", "top_p": 0}, 400, "'top_p' must be in (0, 1]"),
     ({"model": "tiny-chat", "prompt": "hi", "max_tokens": "ten"}, 400, "'max_tokens' must be an integer"),
-    ({"model": "tiny-chat", "prompt": "hi", "n": 2}, 400, "'n' must be 1"),
+    ({"model": "tiny-chat", "prompt": "hi", "n": 17}, 400, "'n' must be in [1, 16]"),
     ({"model": "tiny-chat", "prompt": "hi", "logprobs": 3}, 400, "'logprobs' is not supported"),
     ({"model": "tiny-chat", "prompt": "hi", "stop": [""]}, 400, "'stop' must be"),
     ({"model": "tiny-chat", "prompt": "hi", "ignore_eos": "yes"}, 400, "'ignore_eos' must be true or false"),
@@ -324,3 +326,76 @@ def test_a_shared_prefix_is_reused_and_changes_no_answer(server, client, checkpo
     after = httpx.get(f"{server}/health").json()["prefix_cache"]
     assert after["hit_tokens"] - before["hit_tokens"] >= 32 and after["bytes"] > 0
     assert second.choices[0].text == cli_completion(checkpoint, prefix + " Hark", 16, chat=False)
+
+
+def scrape(url: str) -> dict:
+    """/metrics parsed by prometheus_client's own text parser: {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_count_what_the_clients_were_told(server, client, checkpoint):
+    """Requests by status, tokens (against each answer's own usage), latency histograms, queue and rows, and
+    engine steps, read by Prometheus' parser before and after: a streamed and a plain answer, and a 400."""
+    before = scrape(server)
+    plain = client.completions.create(model="tiny-chat", prompt="O Romeo", max_tokens=9, temperature=0)
+    pieces = list(client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=7, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    streamed = next(chunk.usage for chunk in pieces if chunk.usage)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny-chat", prompt="x", max_tokens=9, temperature=7)
+    after = scrape(server)
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert delta("slm_requests_total", endpoint="/v1/completions", status="200") == 1
+    assert delta("slm_requests_total", endpoint="/v1/chat/completions", status="200") == 1
+    assert delta("slm_requests_total", endpoint="/v1/completions", status="400") == 1
+    assert delta("slm_prompt_tokens_total") == plain.usage.prompt_tokens + streamed.prompt_tokens
+    assert delta("slm_generated_tokens_total") == plain.usage.completion_tokens + streamed.completion_tokens
+    for histogram in ("slm_time_to_first_token_seconds", "slm_inter_token_seconds", "slm_request_seconds"):
+        assert delta(f"{histogram}_count") == 2 and delta(f"{histogram}_sum") > 0, histogram
+        assert delta(f"{histogram}_bucket", le="+Inf") == 2
+    assert delta("slm_request_seconds_sum") >= delta("slm_time_to_first_token_seconds_sum")
+    # No speculation: every token took a step of its own (a prompt's pass makes its first).
+    assert delta("slm_engine_steps_total") >= plain.usage.completion_tokens + streamed.completion_tokens
+    assert after[("slm_queue_depth", ())] == 0 and after[("slm_busy_rows", ())] == 0
+    assert after[("slm_rows", ())] == 8
+    log_file = Path(checkpoint) / f"serve-{server.rsplit(':', 1)[1]}.log"
+    log = [line for line in log_file.read_text().splitlines() if line.startswith("access: ")]
+    assert any(line.startswith(f"access: {plain.id} /v1/completions 200 ") and
+               f"completion_tokens={plain.usage.completion_tokens}" in line for line in log), log[-5:]
+
+
+def test_n_choices_run_the_prompt_once_and_each_is_a_request_of_its_own(server, client):
+    """n=3: greedy choices are identical and equal the n=1 answer; sampled with a seed, choice i equals a lone
+    request with seed + i, streamed or not. The prompt runs once: the other two choices copy all its whole
+    16-token blocks from the prefix cache, and the usage counts it once."""
+    prompt = "Now is the winter of our discontent made glorious summer by this sun of York; " * 3
+    before = httpx.get(f"{server}/health").json()["prefix_cache"]
+    greedy = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=10, temperature=0, n=3)
+    after = httpx.get(f"{server}/health").json()["prefix_cache"]
+    blocks = (greedy.usage.prompt_tokens - 1) // 16 * 16  # the tokens in whole blocks before the last one
+    assert after["hit_tokens"] - before["hit_tokens"] == 2 * blocks > 0
+    one = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=10, temperature=0)
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    assert [c.text for c in greedy.choices] == [one.choices[0].text] * 3
+    assert greedy.usage.prompt_tokens == one.usage.prompt_tokens
+    assert greedy.usage.completion_tokens == 3 * one.usage.completion_tokens
+    sampled = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=10, temperature=1.0, seed=7,
+                                        n=3)
+    lone = [client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=10, temperature=1.0,
+                                      seed=7 + i).choices[0].text for i in range(3)]
+    assert [c.text for c in sampled.choices] == lone
+    streamed = ["", "", ""]
+    for chunk in client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=10, temperature=1.0,
+                                           seed=7, n=3, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == lone
