@@ -82,14 +82,20 @@ class Engine:
             finished.append(request)
         for seq in admitted:
             seq.decoder = StreamDecoder(self.tok) if self.tok is not None else None
-            if self.prefix is not None:  # its prefill starts after the blocks that are kept
+            if self.prefix is not None and not seq.request.echo:  # its prefill starts after the blocks kept
                 seq.filled = self.prefix.reuse(seq.request.prompt, self.runner.kv_cache, seq.row)
         batch = self.scheduler.schedule()
         if batch is not None:
             t0, compiling = time.perf_counter(), self.runner.compile_seconds
             logits = self.runner.forward(batch, self.scheduler.running)
-            done = self.scheduler.advance(batch)
             running = self.scheduler.running
+            for b, part in logits.scored.items():  # the logits at prompt token j score prompt token j + 1
+                row, start, chunk = batch.chunks[b]
+                r = running[row].request
+                r.token_logprobs += [None] if start == 0 else []
+                r.token_logprobs += [logprob(part[j], r.prompt[start + j + 1], r.logprobs)
+                                     for j in range(len(chunk)) if start + j + 1 < len(r.prompt)]
+            done = self.scheduler.advance(batch)
             prompted = [running[batch.chunks[b][0]] for b in done]
             if self.prefix is not None:
                 for seq in prompted:
@@ -113,10 +119,13 @@ class Engine:
             if live or verified:
                 self.stats["decode_steps"] += 1
                 self.stats["decoded_row_steps"] += len(live) + len(verified)
-            for seq, tokens in [*zip(live + verified, taken), *zip(prompted, ([t] for t in first))]:
-                for token in tokens:  # a draft's tokens, in order, until one retires the row
+            # each token with the logits it was drawn from (for its log-probability)
+            drawn_from = [*(logits.decode[i:i + 1] for i in range(len(live))), *logits.verify,
+                          *(logits.chunks[done][i:i + 1] for i in range(len(prompted)))]
+            for seq, tokens, rows in zip(live + verified + prompted, taken + [[t] for t in first], drawn_from):
+                for token, row in zip(tokens, rows):  # a draft's tokens, in order, until one retires the row
                     if seq.request.finish_reason is None:
-                        self._take(seq, token, finished)
+                        self._take(seq, token, finished, row)
         self.stats["steps"] += 1
         return finished
 
@@ -153,8 +162,9 @@ class Engine:
         return s
 
     # --- retiring -------------------------------------------------------------------------------------
-    def _take(self, seq: Sequence, token: int, finished: list[Request]) -> None:
-        """A new token for a sequence: end-of-text, a stop string or the length limit retire it."""
+    def _take(self, seq: Sequence, token: int, finished: list[Request], logits: torch.Tensor) -> None:
+        """A new token for a sequence (drawn from `logits`): end-of-text, a stop string or the length limit
+        retire it."""
         r = seq.request
         if r.first_token_at is None:
             r.first_token_at = time.perf_counter()
@@ -163,6 +173,8 @@ class Engine:
         if token == self.eos_id and not r.ignore_eos:
             return self._finish(seq, "stop", finished)
         r.tokens.append(token)
+        if r.logprobs is not None:
+            r.token_logprobs.append(logprob(logits, token, r.logprobs))
         seq.next_token = token
         self.stats["new_tokens"] += 1
         if seq.decoder is not None:
@@ -196,6 +208,14 @@ class Engine:
         self.stats["finished"][reason] += 1
         self.scheduler.free(seq)
         finished.append(r)
+
+
+def logprob(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """A token's log-probability under the model's own distribution (before temperature or top-k/p), and the
+    `top` most likely (id, log-probability) pairs."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    best = logprobs.topk(top) if top else None
+    return logprobs[token].item(), list(zip(best.indices.tolist(), best.values.tolist())) if top else []
 
 
 class EngineLoop:

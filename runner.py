@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 import types
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,22 +48,32 @@ class Logits:
     decode: torch.Tensor | None  # (len(batch.sampled), vocab)
     chunks: torch.Tensor | None  # (len(batch.chunks), vocab): after each chunk's last token
     verify: list[torch.Tensor]   # per row of batch.verify: (1 + its draft, vocab), at every one of its tokens
+    scored: dict[int, torch.Tensor] = field(default_factory=dict)  # chunk index -> (its length, vocab), if scored
 
     @classmethod
     def split(cls, logits: torch.Tensor, batch: Batch) -> Logits:
-        """From logits at: the sampled rows, then each chunk's last token, then every token being verified."""
-        sizes = [len(batch.sampled), len(batch.chunks)] + [len(tokens) for _, _, tokens in batch.verify]
+        """From logits at: the sampled rows, then each chunk's last token (every token of a scored chunk), then
+        every token being verified."""
+        per_chunk = [len(tokens) if scored(batch, b) else 1 for b, (_, _, tokens) in enumerate(batch.chunks)]
+        sizes = [len(batch.sampled), sum(per_chunk)] + [len(tokens) for _, _, tokens in batch.verify]
         decode, chunks, *verify = logits.split(sizes)
-        return cls(decode if batch.sampled else None, chunks if batch.chunks else None, verify)
+        kept = {b: part for b, part in enumerate(chunks.split(per_chunk)) if scored(batch, b)}
+        if kept:
+            chunks = torch.stack([part[-1] for part in chunks.split(per_chunk)])
+        return cls(decode if batch.sampled else None, chunks if batch.chunks else None, verify, kept)
+
+
+def scored(batch: Batch, chunk: int) -> bool:
+    return bool(batch.scored) and batch.scored[chunk]
 
 
 def logits_at(batch: Batch, offset: int) -> list[int]:
     """Where the wanted logits are among a pass's tokens that hold the chunks and then the drafts being verified,
-    from `offset` on: the last token of each chunk, every token of each draft."""
+    from `offset` on: the last token of each chunk (each token of a scored one), every token of each draft."""
     at, out = offset, []
-    for _, _, tokens in batch.chunks:
+    for b, (_, _, tokens) in enumerate(batch.chunks):
+        out.extend(range(at if scored(batch, b) else at + len(tokens) - 1, at + len(tokens)))
         at += len(tokens)
-        out.append(at - 1)
     for _, _, tokens in batch.verify:
         out.extend(range(at, at + len(tokens)))
         at += len(tokens)

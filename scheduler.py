@@ -31,6 +31,8 @@ class Request:
     stop: tuple[str, ...] = ()             # stop strings (need the engine's tokenizer); not part of the text
     ignore_eos: bool = False
     speculate: int = 0                     # draft tokens per step from n-gram lookup (0: none); same output
+    logprobs: int | None = None            # each new token's log-probability and its `logprobs` best alternatives
+    echo: bool = False                     # with logprobs: the prompt's tokens' too (its whole prompt is run)
     on_text: Callable[[str], None] | None = None  # streamed text pieces, whole characters, stop strings held back
     on_done: Callable[[Request], None] | None = None  # called by EngineLoop when it finishes
     on_first_token: Callable[[Request], None] | None = None  # called by the engine: its prompt has been run
@@ -44,6 +46,9 @@ class Request:
     submitted: float = 0.0                 # time.perf_counter() when added, at its first token, when finished
     first_token_at: float | None = None
     finished_at: float | None = None
+    # with logprobs, per token (the prompt's first, with echo, then the new ones): (its log-probability, the
+    # best (id, log-probability) pairs); the prompt's first token has None, as nothing comes before it
+    token_logprobs: list[tuple[float, list[tuple[int, float]]] | None] = field(default_factory=list)
 
 
 class LengthError(ValueError):
@@ -95,6 +100,7 @@ class Batch:
     span: int                      # cache rows in use: 1 + the highest running row
     length: int                    # cache slots in use after this step: the longest row
     verify: list[tuple[int, int, list[int]]] = field(default_factory=list)  # (row, slot, [token, *draft])
+    scored: list[bool] = field(default_factory=list)  # per chunk: logits at every token, not the last only (echo)
 
 
 class Scheduler:
@@ -181,7 +187,8 @@ class Scheduler:
                     decode.append((0 if drafts.get(seq.row) else seq.next_token, seq.position))
         length = max([seq.filled + ahead.get(seq.row, 0) for seq in self.running if seq is not None] +
                      [seq.position + 1 + len(drafts.get(seq.row, ())) for seq in live])
-        return Batch(chunks, decode, sampled, span, length, verify)
+        scored = [self.running[row].request.echo for row, _, _ in chunks]
+        return Batch(chunks, decode, sampled, span, length, verify, scored)
 
     def advance(self, batch: Batch) -> list[int]:
         """Record the batch's chunks as in the cache. Returns the indices of the chunks that completed a prompt."""

@@ -33,7 +33,8 @@ from tokenizer import Tokenizer
 MAX_BODY_BYTES = 1 << 20     # a request body larger than this is refused (413)
 MAX_PROMPT_CHARS = 100_000   # and so is a prompt (or all messages) longer than this (400)
 MAX_CHOICES = 16             # the most completions of one prompt a request may ask for ('n')
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "best_of")
+UNSUPPORTED = ("suffix", "tools", "functions", "best_of")
+MAX_LOGPROBS = 20            # the most alternatives a token's logprobs may list
 
 
 class APIError(Exception):
@@ -95,23 +96,24 @@ class Metrics:
                                           value=engine.stats["steps"])
         registry.register(Steps())
 
-    def answered(self, endpoint: str, status: int, rid: str = "-", gens: list[Request] = ()) -> None:
-        """One HTTP request answered; gens: its completions (n of them), which share one prompt and arrival."""
+    def answered(self, endpoint: str, status: int, rid: str = "-", gens: list[Request] = (),
+                 usage: dict | None = None) -> None:
+        """One HTTP request answered; gens: its completions, which arrived together; usage: what it was told."""
         self.requests.labels(endpoint, str(status)).inc()
         if not gens or any(gen.finished_at is None for gen in gens):
             print(f"access: {rid} {endpoint} {status}", flush=True)
             return
-        arrived, tokens = gens[0].submitted, sum(len(gen.tokens) for gen in gens)
+        arrived, tokens, prompt = gens[0].submitted, usage["completion_tokens"], usage["prompt_tokens"]
         ttft = min(gen.first_token_at or gen.finished_at for gen in gens) - arrived
         total = max(gen.finished_at for gen in gens) - arrived
-        self.prompt_tokens.inc(len(gens[0].prompt))
+        self.prompt_tokens.inc(prompt)
         self.generated_tokens.inc(tokens)
         self.ttft.observe(ttft)
         for gen in gens:
             if len(gen.tokens) > 1:
                 self.inter_token.observe((gen.finished_at - gen.first_token_at) / (len(gen.tokens) - 1))
         self.total.observe(total)
-        print(f"access: {rid} {endpoint} {status} prompt_tokens={len(gens[0].prompt)} completion_tokens={tokens} "
+        print(f"access: {rid} {endpoint} {status} prompt_tokens={prompt} completion_tokens={tokens} "
               f"finish={','.join(str(gen.finish_reason) for gen in gens)} ttft={ttft:.3f}s total={total:.3f}s",
               flush=True)
 
@@ -179,14 +181,34 @@ def create_app(engine: EngineLoop, tok: Tokenizer, model_name: str, api_key: str
         number(body, "n", 1, 1, MAX_CHOICES, integer=True)
         return body
 
-    def generation(body: dict, prompt: str, default_max: int | None) -> Request:
-        """The engine request for a checked body; refuses what the model or the queue cannot take."""
+    def generation(body: dict, prompt: str | list[int], default_max: int | None, chat: bool) -> Request:
+        """The engine request for a checked body and one prompt (text, or token ids); refuses what the model or
+        the queue cannot take."""
         if len(prompt) > MAX_PROMPT_CHARS:
             raise APIError(400, f"the prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
-        ids = tok.encode(prompt)
+        if not isinstance(prompt, str) and not all(0 <= i < tok.vocab_size for i in prompt):
+            raise APIError(400, f"a prompt token id is outside the vocabulary [0, {tok.vocab_size})", "prompt")
+        ids = tok.encode(prompt) if isinstance(prompt, str) else prompt
         room = max_len - len(ids)
         name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = number(body, name, default_max or max(room, 1), 1, 1 << 30, integer=True)
+        echo = body.get("echo", False)
+        if not isinstance(echo, bool) or (echo and chat):
+            raise APIError(400, "'echo' must be true or false (completions only)", "echo")
+        # max_tokens 0 with echo scores the prompt alone: one token is generated and not returned
+        max_tokens = max(1, number(body, name, default_max or max(room, 1), 0 if echo else 1, 1 << 30, integer=True))
+        if chat:
+            want = body.get("logprobs", False)
+            if not isinstance(want, bool):
+                raise APIError(400, f"'logprobs' must be true or false, not {want!r}", "logprobs")
+            top = number(body, "top_logprobs", 0, 0, MAX_LOGPROBS, integer=True)
+            logprobs = top if want else None
+        else:
+            logprobs = number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True)
+        if echo and logprobs is None:
+            logprobs = 0
+        if (logprobs is not None or echo) and body.get("stream"):
+            raise APIError(400, "'logprobs' and 'echo' are not supported with 'stream'; drop one or the other",
+                           "logprobs")
         try:
             check_lengths(len(ids), max_tokens, max_len)
         except LengthError as e:
@@ -211,13 +233,42 @@ def create_app(engine: EngineLoop, tok: Tokenizer, model_name: str, api_key: str
                            headers={"Retry-After": "1"})
         return Request(ids, max_tokens, number(body, "temperature", 1.0, 0, 2), top_k or None,
                        number(body, "top_p", 1.0, 0, 1, open_low=True), seed=seed, stop=tuple(stop),
-                       speculate=draft_tokens if speculating == "ngram" else 0, ignore_eos=ignore_eos)
+                       speculate=draft_tokens if speculating == "ngram" else 0, ignore_eos=ignore_eos,
+                       logprobs=logprobs, echo=echo)
 
-    async def respond(request: HTTPRequest, body: dict, gen: Request, chat: bool):
-        """Run gen, or its n copies (choice i samples with seed + i), and answer: streamed or whole."""
-        loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
-        gens = [gen] + [replace(gen, seed=None if gen.seed is None else gen.seed + i, tokens=[])
-                        for i in range(1, body.get("n", 1))]
+    def completion_logprobs(g: Request, scored_only: bool) -> dict:
+        """The legacy completions shape: each token's text, log-probability, best alternatives and offset in
+        the choice's text; with echo the prompt's tokens come first (the very first has no log-probability)."""
+        ids = (g.prompt if g.echo else []) + g.tokens
+        entries = g.token_logprobs[:-1] if scored_only else g.token_logprobs
+        ids = ids[:len(entries)]
+        texts = [tok.decode([i]) for i in ids]
+        offsets = [sum(len(s) for s in texts[:j]) for j in range(len(texts))]
+        return {"tokens": texts, "token_logprobs": [e and e[0] for e in entries],
+                "top_logprobs": [e and by_text(e[1]) for e in entries], "text_offset": offsets}
+
+    def by_text(best: list[tuple[int, float]]) -> dict[str, float]:
+        """The best alternatives by their text; of two ids with one text (a part of a character), the likelier."""
+        out: dict[str, float] = {}
+        for i, logprob in best:
+            out.setdefault(tok.decode([i]), logprob)
+        return out
+
+    def chat_logprobs(g: Request) -> dict:
+        def entry(i: int, lp: float) -> dict:
+            text = tok.decode([i])
+            return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+        return {"content": [entry(i, lp) | {"top_logprobs": [entry(j, alt) for j, alt in top]}
+                            for i, (lp, top) in zip(g.tokens, g.token_logprobs)]}
+
+    async def respond(request: HTTPRequest, body: dict, firsts: list[Request], chat: bool):
+        """Run each prompt's request and its n - 1 copies (copy i samples with seed + i), and answer, streamed
+        or whole: choice p * n + i is prompt p's copy i. A prompt's copies start once it has been run, so that
+        they take its KV blocks from the prefix cache."""
+        loop, pieces, n = asyncio.get_running_loop(), asyncio.Queue(), body.get("n", 1)
+        groups = [[first] + [replace(first, seed=None if first.seed is None else first.seed + i, tokens=[],
+                                     token_logprobs=[]) for i in range(1, n)] for first in firsts]
+        gens = [g for group in groups for g in group]
         for i, g in enumerate(gens):
             if body.get("stream"):
                 g.on_text = lambda piece, i=i: loop.call_soon_threadsafe(pieces.put_nowait, (i, piece))
@@ -225,25 +276,36 @@ def create_app(engine: EngineLoop, tok: Tokenizer, model_name: str, api_key: str
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         head = {"id": rid, "created": int(time.time()), "model": model_name}
         endpoint = request.url.path
-        prompted = asyncio.Event()
-        gen.on_first_token = lambda _: loop.call_soon_threadsafe(prompted.set)
-        gen.on_done = lambda _: loop.call_soon_threadsafe(lambda: (prompted.set(), pieces.put_nowait((0, None))))
-        engine.submit(gen)
-        if len(gens) > 1:  # the others start once the first has run the prompt, whose blocks the prefix cache kept
-            await prompted.wait()
-            for g in gens[1:]:
-                engine.submit(g)
+        scored_only = body.get("echo") and body.get("max_tokens") == 0  # the prompt's logprobs, no new token
+
+        async def start(group: list[Request]) -> None:
+            prompted, done = asyncio.Event(), group[0].on_done
+            group[0].on_first_token = lambda _: loop.call_soon_threadsafe(prompted.set)
+            group[0].on_done = lambda r: (done(r), loop.call_soon_threadsafe(prompted.set))
+            engine.submit(group[0])
+            if len(group) > 1:
+                await prompted.wait()
+                for g in group[1:]:
+                    engine.submit(g)
+        await asyncio.gather(*(start(group) for group in groups))
 
         def usage() -> dict:
-            n = sum(len(g.tokens) for g in gens)
-            return {"prompt_tokens": len(gen.prompt), "completion_tokens": n, "total_tokens": len(gen.prompt) + n}
+            prompt, new = sum(len(g.prompt) for g in firsts), sum(len(g.tokens) for g in gens)
+            new -= len(gens) if scored_only else 0
+            return {"prompt_tokens": prompt, "completion_tokens": new, "total_tokens": prompt + new}
 
         def choice(i: int, text: str | None, finish: str | None, stream: bool) -> dict:
             if not chat:
-                return {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+                g = gens[i]
+                if text is not None and g.echo:
+                    text = tok.decode(g.prompt) + ("" if scored_only else text)
+                logprobs = completion_logprobs(g, scored_only) if g.logprobs is not None and not stream else None
+                return {"index": i, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
             if stream:  # a piece of the answer, or (text None) the last chunk, which only says why it ended
                 return {"index": i, "delta": {} if text is None else {"content": text}, "finish_reason": finish}
-            return {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+            logprobs = chat_logprobs(gens[i]) if gens[i].logprobs is not None else None
+            return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                    "finish_reason": finish}
 
         if body.get("stream"):
             async def events():
@@ -266,7 +328,7 @@ def create_app(engine: EngineLoop, tok: Tokenizer, model_name: str, api_key: str
                     if failed:
                         yield f"data: {json.dumps({'error': {'message': failed[0], 'type': 'server_error'}})}\n\n"
                     yield "data: [DONE]\n\n"
-                    watch.answered(endpoint, 500 if failed else 200, rid, gens)
+                    watch.answered(endpoint, 500 if failed else 200, rid, gens, usage())
                 except asyncio.CancelledError:
                     watch.answered(endpoint, 499, rid)
                     raise
@@ -290,7 +352,7 @@ def create_app(engine: EngineLoop, tok: Tokenizer, model_name: str, api_key: str
         failed = [g.error for g in gens if g.finish_reason == "error"]
         if failed:
             raise APIError(500, f"generation failed: {failed[0]}")
-        watch.answered(endpoint, 200, rid, gens)
+        watch.answered(endpoint, 200, rid, gens, usage())
         kind = "chat.completion" if chat else "text_completion"
         choices = [choice(i, g.text, g.finish_reason, False) for i, g in enumerate(gens)]
         return head | {"object": kind, "choices": choices, "usage": usage()}
@@ -299,11 +361,14 @@ def create_app(engine: EngineLoop, tok: Tokenizer, model_name: str, api_key: str
     async def completions(request: HTTPRequest):
         body = await read_body(request)
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise APIError(400, "'prompt' must be a non-empty string", "prompt")
-        return await respond(request, body, generation(body, prompt, 16), chat=False)
+        # a string, token ids, or a list of either: one choice (n choices) per prompt
+        prompts = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else [prompt]
+        if not all(isinstance(p, str) and p or isinstance(p, list) and p and all(
+                isinstance(i, int) and not isinstance(i, bool) for i in p) for p in prompts) or \
+                len(prompts) * body.get("n", 1) > MAX_CHOICES:
+            raise APIError(400, f"'prompt' must be a non-empty string, a list of token ids, or a list of up to "
+                                f"{MAX_CHOICES} of either", "prompt")
+        return await respond(request, body, [generation(body, p, 16, chat=False) for p in prompts], chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
@@ -317,7 +382,7 @@ def create_app(engine: EngineLoop, tok: Tokenizer, model_name: str, api_key: str
         if not tok.chat_template:
             raise APIError(400, "this model has no chat template; use /v1/completions")
         prompt = tok.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages])
-        return await respond(request, body, generation(body, prompt, None), chat=True)
+        return await respond(request, body, [generation(body, prompt, None, chat=True)], chat=True)
 
     return app
 

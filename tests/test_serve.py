@@ -174,7 +174,10 @@ BAD = [  # (json body or raw bytes, status, text in the message)
     ({"model": "tiny-chat", "prompt": "hi", "top_p": 0}, 400, "'top_p' must be in (0, 1]"),
     ({"model": "tiny-chat", "prompt": "hi", "max_tokens": "ten"}, 400, "'max_tokens' must be an integer"),
     ({"model": "tiny-chat", "prompt": "hi", "n": 17}, 400, "'n' must be in [1, 16]"),
-    ({"model": "tiny-chat", "prompt": "hi", "logprobs": 3}, 400, "'logprobs' is not supported"),
+    ({"model": "tiny-chat", "prompt": "hi", "logprobs": 21}, 400, "'logprobs' must be in [0, 20]"),
+    ({"model": "tiny-chat", "prompt": "hi", "suffix": "!"}, 400, "'suffix' is not supported"),
+    ({"model": "tiny-chat", "prompt": "hi", "echo": True, "stream": True}, 400, "not supported with 'stream'"),
+    ({"model": "tiny-chat", "prompt": [5, 999999]}, 400, "outside the vocabulary"),
     ({"model": "tiny-chat", "prompt": "hi", "stop": [""]}, 400, "'stop' must be"),
     ({"model": "tiny-chat", "prompt": "hi", "ignore_eos": "yes"}, 400, "'ignore_eos' must be true or false"),
 ]
@@ -399,3 +402,58 @@ def test_n_choices_run_the_prompt_once_and_each_is_a_request_of_its_own(server, 
         for c in chunk.choices:
             streamed[c.index] += c.text
     assert streamed == lone
+
+
+def direct_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """Log-probabilities (len(ids) - 1, vocab) of tokens 1.. given the ones before, from one full forward."""
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids]))
+    return logits[0, :-1].float().log_softmax(dim=-1)
+
+
+def greedy(model, ids: list[int], new: int) -> list[int]:
+    """The greedy continuation, one full forward per token (no cache, no engine)."""
+    for _ in range(new):
+        with torch.no_grad():
+            ids = ids + [int(model(torch.tensor([ids]))[0][0, -1].argmax())]
+    return ids
+
+
+def test_logprobs_and_echo_equal_a_direct_forward(server, client, checkpoint):
+    """logprobs=3 with echo, with max_tokens 4 and 0, from text and from token ids, two prompts at once; and chat's
+    top_logprobs: every token's log-probability and its best alternatives equal one full forward of the same ids
+    in this process (1e-4), as lm-eval's loglikelihood reads them."""
+    model, tok = load_model(str(checkpoint), "cpu")
+    prompts = ["ROMEO. But soft, what light through yonder window breaks?", "JULIET. O Romeo, Romeo!"]
+    out = client.completions.create(model="tiny-chat", prompt=prompts, max_tokens=4, temperature=0, logprobs=3,
+                                    echo=True)
+    scored = client.completions.create(model="tiny-chat", prompt=[tok.encode(p) for p in prompts], max_tokens=0,
+                                       temperature=0, logprobs=3, echo=True)
+    for p, text in enumerate(prompts):
+        ids = tok.encode(text)
+        lp = out.choices[p].logprobs
+        new = greedy(model, ids, 4)[len(ids):]
+        assert out.choices[p].index == p and out.choices[p].text == text + tok.decode(new)
+        want = direct_logprobs(model, ids + new)
+        assert lp.tokens == [tok.decode([i]) for i in ids + new]
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1:] == pytest.approx(want[torch.arange(len(want)), ids[1:] + new].tolist(), abs=1e-4)
+        for j, top in enumerate(lp.top_logprobs[1:]):  # a dict by text: two ids with one text keep one entry
+            best = want[j].topk(3).values.tolist()
+            assert max(top.values()) == pytest.approx(best[0], abs=1e-4) and len(top) <= 3
+            assert all(min(abs(value - b) for b in best) < 1e-4 for value in top.values())
+        assert lp.text_offset == [len("".join(lp.tokens[:j])) for j in range(len(lp.tokens))]
+        only = scored.choices[p].logprobs
+        assert scored.choices[p].text == text and only.tokens == lp.tokens[:len(ids)]
+        assert only.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:len(ids)], abs=1e-5)
+    assert scored.usage.completion_tokens == 0
+    chat = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=5, temperature=0, logprobs=True, top_logprobs=2)
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Hi"}]))
+    entries = chat.choices[0].logprobs.content
+    new = greedy(model, ids, len(entries))[len(ids):]
+    assert [e.token for e in entries] == [tok.decode([i]) for i in new]
+    want = direct_logprobs(model, ids + new)[len(ids) - 1:]
+    assert [e.logprob for e in entries] == pytest.approx(want[torch.arange(len(new)), new].tolist(), abs=1e-4)
+    assert [a.logprob for e in entries for a in e.top_logprobs] == pytest.approx(
+        want.topk(2).values.flatten().tolist(), abs=1e-4)
