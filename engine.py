@@ -172,6 +172,8 @@ class Engine:
                 r.on_first_token(r)
         if token == self.eos_id and not r.ignore_eos:
             return self._finish(seq, "stop", finished)
+        if r.constraint is not None:
+            r.constraint.take(token)
         r.tokens.append(token)
         if r.logprobs is not None:
             r.token_logprobs.append(logprob(logits, token, r.logprobs))
@@ -181,6 +183,8 @@ class Engine:
             seq.text += seq.decoder.push(token)
             if self._stream(seq):
                 return self._finish(seq, "stop", finished)
+        if r.constraint is not None and r.constraint.done:  # the JSON is whole: nothing else may come
+            return self._finish(seq, "stop", finished)
         if len(r.tokens) == r.max_new_tokens:
             self._finish(seq, "length", finished)
 

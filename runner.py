@@ -161,7 +161,13 @@ class ModelRunner:
 
     def sample(self, sequences: list[Sequence], logits: torch.Tensor) -> list[int]:
         """Next token of each sequence (logits (n, vocab)): the greedy ones from one argmax, the others each with
-        its own settings and generator. Reading them back waits for the device."""
+        its own settings and generator; a constrained one only from the tokens its grammar allows next. Reading
+        them back waits for the device."""
+        constrained = [b for b, seq in enumerate(sequences) if seq.request.constraint is not None]
+        if constrained:
+            logits = logits.clone()
+            for b in constrained:
+                logits[b].masked_fill_(~sequences[b].request.constraint.allowed().to(logits.device), float("-inf"))
         greedy = logits.argmax(dim=-1).tolist()
         tokens = []
         for b, seq in enumerate(sequences):

@@ -33,6 +33,7 @@ class Request:
     speculate: int = 0                     # draft tokens per step from n-gram lookup (0: none); same output
     logprobs: int | None = None            # each new token's log-probability and its `logprobs` best alternatives
     echo: bool = False                     # with logprobs: the prompt's tokens' too (its whole prompt is run)
+    constraint: object = None              # grammar.JsonConstraint: sampling takes only the tokens it allows
     on_text: Callable[[str], None] | None = None  # streamed text pieces, whole characters, stop strings held back
     on_done: Callable[[Request], None] | None = None  # called by EngineLoop when it finishes
     on_first_token: Callable[[Request], None] | None = None  # called by the engine: its prompt has been run

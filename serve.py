@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from checkpoint import CheckpointError, describe_weights, load_model
 from config import ArgumentParser, add_inference_args, positive
 from engine import Engine, EngineLoop, LengthError, Request, check_lengths
+from grammar import GrammarError, JsonGrammars
 from machine import MACHINE, prepare_process
 from tokenizer import Tokenizer
 
@@ -135,6 +136,32 @@ def create_app(engine: EngineLoop, tok: Tokenizer, model_name: str, api_key: str
     app = FastAPI(title="slm", docs_url=None, redoc_url=None, dependencies=[Depends(check_key_and_size)])
     created = int(time.time())
     max_len = engine.engine.max_len
+    grammars: dict[str, str] = {}  # schema (as JSON text) -> compiled grammar, for the schemas clients repeat
+    compiler: list[JsonGrammars] = []  # built at the first request that asks for structured output
+
+    def constraint(body: dict):
+        """The JSON grammar response_format asks for (None for plain text), compiled once per schema."""
+        form = body.get("response_format")
+        if form is None or form == {"type": "text"}:
+            return None
+        if not isinstance(form, dict) or form.get("type") not in ("json_object", "json_schema") or \
+                form["type"] == "json_schema" and not isinstance((form.get("json_schema") or {}).get("schema"), dict):
+            raise APIError(400, "'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                                "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}",
+                           "response_format")
+        schema = {"type": "object"} if form["type"] == "json_object" else form["json_schema"]["schema"]
+        key = json.dumps(schema, sort_keys=True)
+        if not compiler:
+            compiler.append(JsonGrammars(tok.to_str(), engine.engine.model.config.vocab_size, tok.eos_id))
+        if key not in grammars:
+            try:
+                grammars[key] = compiler[0].compile(schema)
+            except GrammarError as e:
+                raise APIError(400, f"the 'response_format' schema cannot be compiled: {e}",
+                               "response_format") from None
+            if len(grammars) > 256:
+                grammars.pop(next(iter(grammars)))
+        return compiler[0].constraint(grammars[key])
     watch = Metrics(engine.engine)
 
     @app.exception_handler(APIError)
@@ -231,10 +258,11 @@ def create_app(engine: EngineLoop, tok: Tokenizer, model_name: str, api_key: str
         if engine.engine.queued() >= max_queue:
             raise APIError(429, f"the queue is full ({max_queue} requests waiting); retry in a second",
                            headers={"Retry-After": "1"})
+        grammar = constraint(body)  # a constrained row takes no drafts: they would skip its mask
         return Request(ids, max_tokens, number(body, "temperature", 1.0, 0, 2), top_k or None,
                        number(body, "top_p", 1.0, 0, 1, open_low=True), seed=seed, stop=tuple(stop),
-                       speculate=draft_tokens if speculating == "ngram" else 0, ignore_eos=ignore_eos,
-                       logprobs=logprobs, echo=echo)
+                       speculate=draft_tokens if speculating == "ngram" and grammar is None else 0,
+                       ignore_eos=ignore_eos, logprobs=logprobs, echo=echo, constraint=grammar)
 
     def completion_logprobs(g: Request, scored_only: bool) -> dict:
         """The legacy completions shape: each token's text, log-probability, best alternatives and offset in
@@ -267,7 +295,8 @@ def create_app(engine: EngineLoop, tok: Tokenizer, model_name: str, api_key: str
         they take its KV blocks from the prefix cache."""
         loop, pieces, n = asyncio.get_running_loop(), asyncio.Queue(), body.get("n", 1)
         groups = [[first] + [replace(first, seed=None if first.seed is None else first.seed + i, tokens=[],
-                                     token_logprobs=[]) for i in range(1, n)] for first in firsts]
+                                     token_logprobs=[], constraint=first.constraint and first.constraint.copy())
+                             for i in range(1, n)] for first in firsts]
         gens = [g for group in groups for g in group]
         for i, g in enumerate(gens):
             if body.get("stream"):
