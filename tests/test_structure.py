@@ -6,7 +6,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Each module may import only from floors below its own (ARCHITECTURE.md, as the code has it).
 FLOORS = [
     {"config", "machine", "distributed"},      # ground: model config + CLI helper; per-machine choices; torchrun
-    {"tokenizer", "layers"},                   # BPE; the linear paths and the kernels.cpp loader
+    {"tokenizer", "layers", "grammar"},        # BPE; the linear paths and the kernels.cpp loader; JSON grammars
     {"model", "data", "scheduler", "prefix_cache"},  # the model; corpora; which request runs where; KV blocks kept
     {"quantize", "optim", "evaluate"},         # model surgery; optimizers and schedules; bits per byte
     {"checkpoint", "runner", "gguf_file"},     # the one checkpoint format and load_model; the model runner; GGUF
