@@ -11,6 +11,7 @@ every figure. Compile time is left out of the rates (a warm-up call first) and r
   python -m bench --only speculate                 # n-gram speculation vs llama-server's ngram-simple
   python -m bench --only serve                     # serve.py vs llama.cpp's server at 1/8/32/64 clients
   python -m bench --only prefix                    # a shared system prompt: prefix cache on/off, llama-server
+  python -m bench --only grammar                   # structured output: the mask's cost per token, free vs JSON
   python -m bench --only sweep --checkpoint checkpoints/tiny    # batch sizes x KV cache, worker processes
   python -m bench --only recipes                   # training recipes side by side, 10 min each (tiny)
   python -m bench --only recipes --recipe-preset slm-40m --recipe-minutes 5 --recipes before muon+wsd \
@@ -31,7 +32,7 @@ from machine import MACHINE, prepare_process
 
 SECTIONS = {"decode": "decode", "budget": "budget", "prefill": "prefill", "speculate": "speculate", "gemv": "gemv",
             "quality": "quality", "engine": "batching", "serve": "server", "prefix": "prefix", "train": "training",
-            "sweep": "sweep", "recipes": "recipes"}  # name: module
+            "sweep": "sweep", "recipes": "recipes", "grammar": "grammar"}  # name: module
 DEFAULT = ["decode", "budget", "prefill", "speculate", "gemv", "quality", "engine", "serve", "prefix", "train"]
 
 
