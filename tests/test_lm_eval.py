@@ -65,7 +65,7 @@ def test_lm_eval_scores_a_checkpoint_through_the_server(tok_path, shakespeare_di
                          "--max-seq-len", "128"))
     run = tmp_path / "run"
     convert.main(["to-hf", str(run), "--out", str(tmp_path / "hf")])  # lm-eval's tokenizer: ours, as transformers'
-    docs = next_line_docs(shakespeare_dir, 24)
+    docs = next_line_docs(shakespeare_dir, 12)
     (tmp_path / "next_line.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in docs))
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "next_line.yaml").write_text(TASK.format(data=tmp_path / "next_line.jsonl"))
