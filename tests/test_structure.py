@@ -11,6 +11,7 @@ FLOORS = [
     {"quantize", "optim", "evaluate"},         # model surgery; optimizers and schedules; bits per byte
     {"checkpoint", "runner", "gguf_file"},     # the one checkpoint format and load_model; the model runner; GGUF
     {"engine", "training"},                    # the generation loop; a training run's parts
+    {"metrics"},                               # a server's metrics and access log
     {"train", "convert", "inference", "serve", "app"},  # the scripts
 ]
 SCRIPTS = FLOORS[-1]
