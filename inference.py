@@ -249,7 +249,9 @@ def run_ranks(args: argparse.Namespace, prompts: list[list[int]], emit: Callable
             key = f"slm/generate/{in_order.next}"
             if not wait and not store.check([key]):
                 return
-            in_order(SimpleNamespace(id=in_order.next, **json.loads(store.get(key))))
+            result = json.loads(store.get(key))
+            store.delete_key(key)  # the store holds only results not yet written
+            in_order(SimpleNamespace(id=in_order.next, **result))
 
     t0, done = time.perf_counter(), 0
     for request in engine.run(requests()):
