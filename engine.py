@@ -100,7 +100,8 @@ class Engine:
             if self.prefix is not None:
                 for seq in prompted:
                     self.prefix.keep(seq.request.prompt, self.runner.kv_cache, seq.row)
-            first = self.runner.sample(prompted, logits.chunks[done]) if done else []
+            prompt_ends = logits.chunks[done] if done else None  # the logits each finished prompt ends on
+            first = self.runner.sample(prompted, prompt_ends) if done else []
             live = [running[row] for row in batch.sampled]
             taken = [[t] for t in self.runner.sample(live, logits.decode)] if live else []
             verified = [running[row] for row, _, _ in batch.verify]
@@ -121,7 +122,7 @@ class Engine:
                 self.stats["decoded_row_steps"] += len(live) + len(verified)
             # each token with the logits it was drawn from (for its log-probability)
             drawn_from = [*(logits.decode[i:i + 1] for i in range(len(live))), *logits.verify,
-                          *(logits.chunks[done][i:i + 1] for i in range(len(prompted)))]
+                          *(prompt_ends[i:i + 1] for i in range(len(prompted)))]
             for seq, tokens, rows in zip(live + verified + prompted, taken + [[t] for t in first], drawn_from):
                 for token, row in zip(tokens, rows):  # a draft's tokens, in order, until one retires the row
                     if seq.request.finish_reason is None:

@@ -180,6 +180,7 @@ def write_gguf(ckpt: dict, path: Path, weight_type: str = "F16") -> None:
     writer.add_file_type(FILE_TYPES[weight_type])
     add_tokenizer(writer, ckpt, config.vocab_size)
     ours_to_gguf = {ours: name for name, ours in GGUF_NAMES.items()}
+    layer_part = {hf: part for part, hf in GGUF_LAYER_NAMES.items()}
     for ours, tensor in ckpt["model"].items():
         if ours == "lm_head.weight" and config.tie_embeddings:
             continue  # llama.cpp ties the head to token_embd when output.weight is absent
@@ -187,7 +188,7 @@ def write_gguf(ckpt: dict, path: Path, weight_type: str = "F16") -> None:
         if ours.startswith("layers."):
             _, layer, rest = ours.split(".", 2)
             module, suffix = rest.rsplit(".", 1)
-            part = next(p for p, hf in GGUF_LAYER_NAMES.items() if hf == module)
+            part = layer_part[module]
             name = f"blk.{layer}.{part}.{suffix}"
             heads = {"attn_q": config.n_head, "attn_k": config.n_kv_head}.get(part)
             if heads:

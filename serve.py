@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from dataclasses import replace
+from itertools import accumulate
 from pathlib import Path
 
 import uvicorn
@@ -219,7 +220,7 @@ def create_app(engine: EngineLoop, tok: Tokenizer, model_name: str, api_key: str
         entries = g.token_logprobs[:-1] if scored_only else g.token_logprobs
         ids = ids[:len(entries)]
         texts = [tok.decode([i]) for i in ids]
-        offsets = [sum(len(s) for s in texts[:j]) for j in range(len(texts))]
+        offsets = [0, *accumulate(len(s) for s in texts)][:len(texts)]  # where each token starts
         return {"tokens": texts, "token_logprobs": [e and e[0] for e in entries],
                 "top_logprobs": [e and by_text(e[1]) for e in entries], "text_offset": offsets}
 
