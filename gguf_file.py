@@ -163,6 +163,9 @@ def write_gguf(ckpt: dict, path: Path, weight_type: str = "F16") -> None:
     if weight_type not in WRITTEN_GGUF_TYPES:
         raise GGUFError(f"GGUF weight type {weight_type!r} cannot be written; choose {', '.join(WRITTEN_GGUF_TYPES)}")
     config = ModelConfig(**ckpt["config"])
+    if config.levers:
+        raise GGUFError(f"this model has {', '.join(config.levers)}, which llama.cpp's llama architecture has no "
+                        f"place for; export it with to-hf, or train without those config levers")
     qtype = GGMLQuantizationType[weight_type]
     tmp = path.with_name(f".{path.name}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,8 @@ CHOICES: dict[str, tuple[type, str]] = {
     "quant_kernel": (str, "the exact int8/int4 kernels' instruction set (the best this CPU has, or plain)"),
     "int16_kernel": (str, "the int16 kernels for passes of a few tokens (the best this CPU has, or none)"),
     "int16_rows": (int, "passes of up to this many tokens (drafts aside) take the int16 kernels: they win there"),
+    "train_step": (str, "a training step's precision and compilation (fp32, bf16, fp32+compile, bf16+compile), "
+                        "timed on the run's own shape; a pin decides only what --dtype and --compile leave auto"),
 }
 ENV = "SLM_MACHINE"
 CACHE = Path(__file__).resolve().parent / ".cache"
@@ -44,20 +46,22 @@ class Machine:
         self.how: dict[str, str] = {}
         self.pins_read = False
 
-    def decide(self, name: str, measure: Callable[[], object]) -> object:
+    def decide(self, name: str, measure: Callable[[], object], key: str = "") -> object:
         """The choice `name`: pinned, already decided, measured by an earlier process on this machine, or
-        measured now (once)."""
+        measured now (once). `key` names what the measurement depends on beyond the machine (a training run's
+        shape): it is kept apart per key."""
         self.read_environment()
         if name not in self.values:
             path = measured_path()
             kept = json.loads(path.read_text()) if path.is_file() else {}
-            if name in kept:
-                self.values[name], self.how[name] = kept[name], "measured earlier"
+            stored = f"{name}@{key}" if key else name
+            if stored in kept:
+                self.values[name], self.how[name] = kept[stored], "measured earlier"
             else:
                 self.values[name], self.how[name] = CHOICES[name][0](measure()), "measured"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(kept | {name: self.values[name]}))
+                tmp.write_text(json.dumps(kept | {stored: self.values[name]}))
                 os.replace(tmp, path)
         return self.values[name]
 

@@ -1,4 +1,6 @@
-"""A decoder-only transformer in the Llama/SmolLM2 style: RoPE, RMSNorm, SwiGLU, GQA, tied embeddings.
+"""A decoder-only transformer in the Llama/SmolLM2 style: RoPE, RMSNorm, SwiGLU, GQA, tied embeddings, plus
+the small-model levers that config.py can turn on (QK-norm, zero-initialised output projections, value residuals,
+a logit soft-cap, ReLU², U-net skips); with all of them off it is exactly Llama.
 
 Module names follow Hugging Face's LlamaForCausalLM (embed_tokens, layers.N.self_attn.q_proj, ...), so a
 HF state dict maps onto ours by dropping the leading "model.".
@@ -107,7 +109,7 @@ class Prefill:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, first: bool = False):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.dropout = cfg.dropout
@@ -115,16 +117,26 @@ class Attention(nn.Module):
         self.k_proj = Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.v_proj = Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.o_proj = Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps), RMSNorm(cfg.head_dim, cfg.norm_eps)
+        # The first layer's values pass on as they are; later layers learn how much of them to mix in.
+        self.value_mix = nn.Parameter(torch.full((1,), 0.5)) if cfg.value_residual and not first else None
 
-    def forward(self, x, cos, sin, parts: list[Decode | Prefill] | None = None, kv=None) -> torch.Tensor:
+    def forward(self, x, cos, sin, parts: list[Decode | Prefill] | None = None, kv=None,
+                first_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, d_model). Without parts: causal attention within x (training, scoring). With parts: x is
         one engine step's tokens, flat (B == 1), part after part; their keys and values go into kv, this
-        layer's (k_cache, v_cache), and each part attends over the cache its own way."""
+        layer's (k_cache, v_cache), and each part attends over the cache its own way. first_v: the first
+        layer's values of these tokens (value residuals). Returns the output and this layer's values."""
         B, T, _ = x.shape
         q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.value_mix is not None:  # mixed before the cache, so cached values are this layer's own
+            v = v + self.value_mix.to(v.dtype) * (first_v - v)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # no-op unless autocast or a bf16 model
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if parts is None:
@@ -137,7 +149,7 @@ class Attention(nn.Module):
                 ys.append(part.attend(self, q[0, :, start:end], k[0, :, start:end], v[0, :, start:end], kv))
                 start = end
             y = (ys[0] if len(ys) == 1 else torch.cat(ys, dim=1))[None]
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), v
 
     def decode_attention(self, q, k, v, mask):
         """Attention of one new query per row over the cache, written out: the query heads that share a KV
@@ -153,27 +165,31 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        if cfg.mlp == "swiglu":
+            self.gate_proj = Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.up_proj = Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.down_proj = Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "gate_proj"):  # ReLU²
+            return self.down_proj(F.relu(self.up_proj(x)).square())
         gate, up = project(x, self.gate_proj, self.up_proj)
         return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, first: bool = False):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, first)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, parts=None, kv=None):
-        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, parts, kv))
-        return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
+    def forward(self, x, cos, sin, parts=None, kv=None, first_v=None):
+        y, v = self.self_attn(self.input_layernorm(x), cos, sin, parts, kv, first_v)
+        x = x + self.resid_dropout(y)
+        return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x))), v
 
 
 class GPT(nn.Module):
@@ -181,7 +197,9 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.layers = nn.ModuleList(Block(config, first=i == 0) for i in range(config.n_layer))
+        # U-net: layer n_layer - 1 - i adds layer i's output back, for i in the first half, by a learned weight.
+        self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2)) if config.unet_skips else None
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -190,10 +208,11 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
-        # Residual-scaled init (GPT-2): each block adds two outputs to the residual stream.
+        # Residual-scaled init (GPT-2): each block adds two outputs to the residual stream. Or zero (a lever).
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(p, mean=0.0, std=0.0 if config.zero_init else
+                                config.init_std / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -213,17 +232,32 @@ class GPT(nn.Module):
         T = idx.size(1)
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
-        x = self.embed_tokens(idx)
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-        x = self.norm(x)
+        x = self.norm(self.blocks(self.embed_tokens(idx), self.rope_cos[:T], self.rope_sin[:T]))
         if targets is not None:
-            logits = self.lm_head(x)
+            logits = self.head(x)
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
             return logits, loss
-        return self.lm_head(x[:, -1:] if last_only else x), None
+        return self.head(x[:, -1:] if last_only else x), None
+
+    def blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, parts: list | None = None,
+               kv_cache: list | None = None) -> torch.Tensor:
+        """The residual stream through every layer (with the first layer's values and the U-net's skips passed
+        along where those levers are on)."""
+        skips, first_v, n = [], None, len(self.layers)
+        for i, layer in enumerate(self.layers):
+            if self.skip_weights is not None and i >= n - len(self.skip_weights):
+                x = x + self.skip_weights[n - 1 - i].to(x.dtype) * skips.pop()
+            x, v = layer(x, cos, sin, parts, kv_cache[i] if kv_cache else None, first_v)
+            first_v = v if i == 0 else first_v
+            if self.skip_weights is not None and i < len(self.skip_weights):
+                skips.append(x)
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits, soft-capped in fp32 where that lever is on."""
+        logits, cap = self.lm_head(x), self.config.logit_softcap
+        return cap * torch.tanh(logits.float() / cap) if cap else logits
 
     # --- inference over a KV cache: one row per sequence in flight ----------------------------------------
     def step(self, ids: torch.Tensor, positions: torch.Tensor, parts: list[Decode | Prefill],
@@ -234,11 +268,9 @@ class GPT(nn.Module):
         not an attribute, because Inductor freezing would fold an attribute in as a constant.
         Returns the logits of the tokens at logits_at (all of them: None)."""
         cos, sin = self.rope_cos[positions][None, None], self.rope_sin[positions][None, None]
-        x = self.embed_tokens(ids[None])
-        for layer, kv in zip(self.layers, kv_cache):
-            x = layer(x, cos, sin, parts, kv)
+        x = self.blocks(self.embed_tokens(ids[None]), cos, sin, parts, kv_cache)
         x = x[0] if logits_at is None else x[0, logits_at]
-        return self.lm_head(self.norm(x))
+        return self.head(self.norm(x))
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor,
                     kv_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

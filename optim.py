@@ -15,11 +15,14 @@ import torch
 from layers import bf16_gemms_run_in_fp32
 from model import GPT
 
-# Training defaults per preset; flags override them. tiny's won 3-minute CPU screening runs and a 10-minute
-# side-by-side run (README, python -m bench --only recipes).
-RECIPES = {"tiny": {"tokens_per_step": 4096, "lr": 4e-3, "optimizer": "muon", "schedule": "wsd"}}
-BASE_RECIPE = {"tokens_per_step": 100_000, "lr": 5e-4, "optimizer": "adamw", "schedule": "cosine"}
-BEFORE_RECIPES = {"optimizer": "adamw", "schedule": "cosine"}  # what checkpoints without these fields used
+# Training defaults per preset, model levers included; flags override them. tiny's won 3-minute CPU screening runs
+# and a 10-minute side-by-side run (README, python -m bench --only recipes).
+RECIPES = {"tiny": {"tokens_per_step": 4096, "lr": 4e-3, "optimizer": "muon", "schedule": "wsd", "qk_norm": True,
+                    "value_residual": True, "unet_skips": True}}
+BASE_RECIPE = {"tokens_per_step": 100_000, "lr": 5e-4, "optimizer": "adamw", "schedule": "cosine", "batch_ramp": 0,
+               "doc_chunks": False}
+# What checkpoints without these fields used.
+BEFORE_RECIPES = {"optimizer": "adamw", "schedule": "cosine", "batch_ramp": 0, "doc_chunks": False}
 
 
 def lr_at(progress: float, s: argparse.Namespace) -> float:

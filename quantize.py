@@ -46,7 +46,7 @@ def quantize_model(model: GPT, mode: str, gguf_blocks: dict | None = None, block
         model.embed_tokens = QuantEmbedding(model.lm_head)
     for block in model.layers:
         for parent, names in ((block.self_attn, ("q_proj", "k_proj", "v_proj")), (block.mlp, ("gate_proj", "up_proj"))):
-            layers = [getattr(parent, n) for n in names]
+            layers = [getattr(parent, n) for n in names if hasattr(parent, n)]  # ReLU² has no gate_proj
             layouts = {(layer.fmt, layer.in_features, tuple(layer.s.shape[1:]) if layer.fmt == "q8" else None)
                        for layer in layers if isinstance(layer, QuantLinear)}
             if all(isinstance(layer, QuantLinear) for layer in layers) and len(layouts) == 1:  # one matmul

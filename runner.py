@@ -87,7 +87,8 @@ class ModelRunner:
         if step not in STEPS:
             raise ValueError(f"step must be one of {', '.join(STEPS)}, not {step!r}")
         if step == "fused" and not fused_runs(model):
-            raise ValueError("the fused step runs on the CPU with fp32 or int8/int4 weights; use --step eager")
+            raise ValueError("the fused step runs plain Llama models (no config levers) on the CPU with fp32 or "
+                             "int8/int4 weights; use --step eager")
         self.model, self.rows, self.max_len, self.use_cache = model, rows, max_len, use_cache
         self.device = model.rope_cos.device
         self.kv_cache = allocate_kv_cache(model, rows, max_len) if use_cache else None
@@ -205,8 +206,9 @@ class ModelRunner:
 
 
 def fused_runs(model: GPT) -> bool:
-    """Whether step.cpp can run this model: on the CPU, with fp32 activations (fp32 or int8/int4 weights)."""
-    return not model.rope_cos.is_cuda and model.norm.weight.dtype == torch.float32 and all(
+    """Whether step.cpp can run this model: plain Llama (no levers), on the CPU, with fp32 activations (fp32 or
+    int8/int4 weights)."""
+    return not model.config.levers and not model.rope_cos.is_cuda and model.norm.weight.dtype == torch.float32 and all(
         isinstance(m, QuantLinear) or m.weight.dtype == torch.float32 for m in model.modules()
         if isinstance(m, torch.nn.Linear))
 

@@ -42,6 +42,7 @@ from training import (
     build_data,
     build_model_and_optimizer,
     explicit_args,
+    flops_per_token,
     model_and_tokenizer,
     resolve_settings,
 )
@@ -70,6 +71,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--tokens-per-step", type=positive(int), default=None,
                    help="tokens per optimizer step (default 100k; 4096 for tiny)")
     p.add_argument("--micro-batch", type=positive(int), default=16)
+    p.add_argument("--batch-ramp", type=positive(int, zero=True), default=None,
+                   help="the first N steps take half the tokens per step (half the micro-steps): a smaller batch "
+                        "early (default 0: none)")
+    p.add_argument("--doc-chunks", action=argparse.BooleanOptionalAction, default=None,
+                   help="training windows lie within one document each, the first at its start, instead of "
+                        "running across documents (prepared data; default: off)")
     p.add_argument("--seq-len", type=positive(int), default=None, help="default: the model's max_seq_len")
     p.add_argument("--lr", type=positive(float), default=None, help="peak learning rate (default 5e-4; 4e-3 for tiny)")
     p.add_argument("--min-lr", type=float, default=None, help="default: lr / 10")
@@ -88,8 +95,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="autocast dtype; auto = bf16 on CUDA (fp16 without bf16 support), fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+                   help="autocast dtype; auto = bf16 on CUDA (fp16 without bf16 support); on a CPU, fp32 or bf16, "
+                        "whichever trains this run's shape faster here (timed once, kept in .cache/machine)")
+    p.add_argument("--compile", nargs="?", const="on", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile the model; auto = where it trains this run's shape faster on this CPU "
+                        "(timed with --dtype; off on CUDA). --compile alone is on")
     p.add_argument("--fsdp", action="store_true",
                    help="shard parameters, gradients and optimizer state over the ranks, block by block (FSDP2), "
                         "for models that outgrow DDP; saves last.dcp/best.dcp, which resume on any number of ranks")
@@ -139,8 +149,8 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
     cfg, tok = model_and_tokenizer(s, ckpt, rank)
-    agree_on_machine(s, device)
     accum = max(1, round(s.tokens_per_step / (s.micro_batch * s.seq_len * world)))
+    s = agree_on_machine(s, cfg, device, accum)
     torch.manual_seed(s.seed)
     random.seed(s.seed)
     loader, val_chunks, byte_lengths = build_data(s, tok, rank, world, accum, ckpt)
@@ -155,7 +165,10 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(ckpt["rng"]["python"])
     tokens_per_step = s.micro_batch * s.seq_len * accum * world
-    meter = Meter(s, device, dtype, flops_per_token(cfg, s.seq_len, raw_model.num_params()), tokens_per_step, world)
+
+    def tokens_at(step: int) -> int:  # trained before step `step` (a --batch-ramp run's first steps are smaller)
+        return loader.rows_before(step) * s.seq_len if s.batch_ramp else step * tokens_per_step
+    meter = Meter(s, device, dtype, flops_per_token(cfg, s.seq_len, raw_model.num_params()), tokens_at, world)
     step, elapsed = (ckpt["step"], ckpt.get("elapsed_s", 0.0)) if ckpt else (0, 0.0)  # a resumed run goes on
     budget_s = s.time_budget * 60 if s.time_budget else None
     if master:
@@ -202,7 +215,8 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
             for group in opt.param_groups:  # Muon's groups are those with Newton-Schulz steps
                 group["lr"] = lr * ((s.muon_lr or s.lr) / s.lr if "ns_steps" in group else 1)
             t_step = time.perf_counter()
-            train_loss = optimizer_step(model, raw_model, opt, scaler, loader, autocast, accum, s, device)
+            step_accum = loader.accum_at(step) if s.batch_ramp else accum
+            train_loss = optimizer_step(model, raw_model, opt, scaler, loader, autocast, step_accum, s, device)
             if not math.isfinite(train_loss):
                 raise ValueError(f"a non-finite loss or gradient at step {step + 1}; stopped without saving, so "
                                  f"{run_dir}/last.ckpt keeps the last good state; lower --lr, then --resume")
@@ -226,8 +240,9 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
             saving = step % s.save_every == 0 or last or interrupted
             improved = False
             if evaluating:  # every rank gets the same (all-reduced) figures
-                val_loss, bpb = evaluate(model, val_chunks, byte_lengths, s.micro_batch, autocast, rank, world,
-                                         device)
+                # Evaluation runs uncompiled (its batches would each compile), except under FSDP (collective).
+                val_loss, bpb = evaluate(model if s.fsdp else raw_model, val_chunks, byte_lengths, s.micro_batch,
+                                         autocast, rank, world, device)
                 history["val"].append((step, val_loss))
                 history["val_bpb"].append((step, bpb))
                 history["val_elapsed_s"].append((step, elapsed))
@@ -264,7 +279,7 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
         plot_losses(history, run_dir / "loss.png")
         val = f"val loss {history['val'][-1][1]:.4f}, val bits/byte {history['val_bpb'][-1][1]:.4f}, " \
             if history["val_bpb"] else ""
-        print(f"done: {step} steps, {step * tokens_per_step:,} tokens in {elapsed / 60:.1f} min of training, "
+        print(f"done: {step} steps, {tokens_at(step):,} tokens in {elapsed / 60:.1f} min of training, "
               f"{val}checkpoints in {run_dir}/")
     if dist.is_initialized():
         dist.barrier()
@@ -308,9 +323,9 @@ class Meter:
     that beats the peak (timed in a busy moment) makes it time the peak again, and say so."""
 
     def __init__(self, s: Settings, device: torch.device, dtype: torch.dtype, flops_per_token: float,
-                 tokens_per_step: int, world: int):
+                 tokens_at, world: int):
         self.s, self.device, self.dtype, self.world = s, device, dtype, world
-        self.flops_per_token, self.tokens_per_step = flops_per_token, tokens_per_step
+        self.flops_per_token, self.tokens_at = flops_per_token, tokens_at
         self.peak = s.peak_flops or peak_matmul_flops(device, dtype)
         self.since = time.perf_counter()
 
@@ -321,19 +336,15 @@ class Meter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
-        tps, self.since = self.tokens_per_step * self.s.log_every / (now - self.since), now
+        tokens = self.tokens_at(step) - self.tokens_at(step - self.s.log_every)
+        tps, self.since = tokens / (now - self.since), now
         flops = self.flops_per_token * tps / self.world
         note = ""
         if flops > self.peak:  # the start-up timing was too low (a busy moment): time it again
             self.peak = max(peak_matmul_flops(self.device, self.dtype), flops)
             note = f"note: this step beat the measured peak, so it was re-measured: {self.peak / 1e9:,.0f} GFLOP/s\n"
         return (f"{note}step {step}: loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s MFU {100 * flops / self.peak:.1f}% | "
-                f"{step * self.tokens_per_step:,} tokens in {elapsed / 60:.1f} min")
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int) -> float:
-    matmul_params = n_params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)  # lookup is free
-    return 6 * matmul_params + 12 * cfg.n_layer * cfg.d_model * seq_len  # PaLM appendix B
+                f"{self.tokens_at(step):,} tokens in {elapsed / 60:.1f} min")
 
 
 def full_model(sharded: torch.nn.Module, cfg: ModelConfig) -> GPT | None:

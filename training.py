@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -12,10 +14,10 @@ import torch.distributed as dist
 
 import data
 from checkpoint import CheckpointError, config_and_tokenizer, is_sharded, load_checkpoint, load_sharded
-from config import ModelConfig, config_from_args
+from config import DTYPES, ModelConfig, config_from_args
 from distributed import shard_model
 from layers import bf16_gemms_run_in_fp32
-from machine import MACHINE
+from machine import MACHINE, best_time
 from model import GPT
 from optim import BASE_RECIPE, BEFORE_RECIPES, RECIPES, make_optimizer
 from tokenizer import Tokenizer
@@ -74,13 +76,14 @@ def resolve_settings(args: argparse.Namespace, explicit: dict, run_dir: Path,
             values["time_budget"] = None
     else:
         values |= {k: v for k, v in (BASE_RECIPE | RECIPES.get(args.preset, {})).items() if values[k] is None}
-    if values["dtype"] == "auto":
-        if device.type == "cuda":
-            values["dtype"] = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            values["dtype"] = "fp32"  # bf16 autocast is no faster on the CPUs we measured (README)
+    values["compile"] = {True: "on", False: "off"}.get(values["compile"], values["compile"])  # older saves: bools
+    if device.type == "cuda":  # bf16 (fp16 where it lacks) is the faster on every GPU; compile is opt-in there
+        values["dtype"] = values["dtype"].replace("auto", "bf16" if torch.cuda.is_bf16_supported() else "fp16")
+        values["compile"] = values["compile"].replace("auto", "off")
     if values["dtype"] == "fp16" and device.type != "cuda":
         raise UsageError("--dtype fp16 needs a CUDA GPU (it uses a GradScaler); use --dtype bf16 on CPU")
+    if (values["batch_ramp"] or values["doc_chunks"]) and values["data_mode"] == "stream":
+        raise UsageError("--batch-ramp and --doc-chunks work on prepared data; drop them or use --data-mode prepare")
     if values["decay_frac"] > 1:
         raise UsageError(f"--decay-frac must be in (0, 1], the share of the run that decays "
                          f"(got {values['decay_frac']})")
@@ -94,7 +97,7 @@ def resolve_settings(args: argparse.Namespace, explicit: dict, run_dir: Path,
             values["warmup_frac"] = values["warmup_steps"] / values["decay_steps"]
     values["min_lr"] = values["lr"] / 10 if values["min_lr"] is None else values["min_lr"]
     try:
-        cfg = ModelConfig(**ckpt["config"]) if ckpt else config_from_args(args)
+        cfg = ModelConfig(**ckpt["config"]) if ckpt else config_from_args(argparse.Namespace(**values))
     except ValueError as e:
         raise UsageError(str(e)) from None
     values["seq_len"] = values["seq_len"] or cfg.max_seq_len
@@ -128,16 +131,72 @@ def model_and_tokenizer(s: Settings, ckpt: dict | None, rank: int) -> tuple[Mode
     return cfg, tok
 
 
-def agree_on_machine(s: Settings, device: torch.device) -> None:
+def agree_on_machine(s: Settings, cfg: ModelConfig, device: torch.device, accum: int) -> Settings:
     """Rank 0 decides the per-machine choices this run needs (the bf16 GEMM route, for bf16 autocast or Muon's
-    Newton-Schulz on a CPU), and every rank takes them, so no rank goes down another path."""
-    if dist.is_initialized() and dist.get_rank() != 0:
-        MACHINE.share()
-        return
-    if device.type == "cpu" and (s.dtype == "bf16" or s.optimizer == "muon"):
-        bf16_gemms_run_in_fp32()
+    Newton-Schulz on a CPU; the training step's precision and compilation, where --dtype or --compile is auto),
+    and every rank takes them, so no rank goes down another path. Returns the settings with both made concrete
+    (what a resumed run keeps)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        if device.type == "cpu" and (s.dtype in ("bf16", "auto") or s.optimizer == "muon"):
+            bf16_gemms_run_in_fp32()
+        choice = training_step_choice(s, cfg, device, accum)
     if dist.is_initialized():
         MACHINE.share()
+        choice = training_step_choice(s, cfg, device, accum)  # rank 0's, now shared
+    dtype, _, compiled = choice.partition("+")
+    return Settings(**vars(s) | {"dtype": dtype, "compile": "on" if compiled else "off"})
+
+
+def training_step_choice(s: Settings, cfg: ModelConfig, device: torch.device, accum: int) -> str:
+    """The run's precision and compilation as "fp32", "bf16", "fp32+compile" or "bf16+compile": what --dtype and
+    --compile say, and for those left auto, the fastest of the candidates (machine.py's train_step, measured on a
+    real optimizer step of this run's shape, or pinned; a pin decides only what the flags leave auto)."""
+    dtypes = ["fp32", "bf16"] if s.dtype == "auto" else [s.dtype]
+    compiles = [False, True] if s.compile == "auto" else [s.compile == "on"]
+    candidates = [dtype + ("+compile" if c else "") for dtype in dtypes for c in compiles]
+    if len(candidates) == 1:
+        return candidates[0]
+    shape = json.dumps([cfg.to_dict(), s.micro_batch, s.seq_len, accum, s.optimizer, candidates])
+    decided = MACHINE.decide("train_step", lambda: fastest_training_step(s, cfg, device, accum, candidates),
+                             key=hashlib.sha256(shape.encode()).hexdigest()[:12])
+    if decided not in ("fp32", "bf16", "fp32+compile", "bf16+compile"):
+        raise UsageError(f"train_step={decided} is not fp32, bf16, fp32+compile or bf16+compile; fix the pin")
+    dtype, _, compiled = decided.partition("+")
+    return (dtype if s.dtype == "auto" else s.dtype) + ("+compile" if (
+        compiled if s.compile == "auto" else s.compile == "on") else "")
+
+
+def fastest_training_step(s: Settings, cfg: ModelConfig, device: torch.device, accum: int,
+                          candidates: list[str]) -> str:
+    """Times each candidate on a fresh model of the run's shape and its optimizer: accum micro-batches forward
+    and backward, then the update; the best of two steps after one warm-up step (which compiles). Prints the
+    timings, so the log says why. The global RNG is left as it was (the run seeds it after)."""
+    rng = torch.get_rng_state()
+    gen = torch.Generator().manual_seed(0)
+    x, y = (torch.randint(0, cfg.vocab_size, (s.micro_batch, s.seq_len), generator=gen).to(device) for _ in "xy")
+    seconds = {}
+    for name in candidates:
+        dtype, _, compiled = name.partition("+")
+        model = GPT(cfg).to(device)
+        opt = make_optimizer(model, s)
+        forward = torch.compile(model) if compiled else model
+
+        def step():
+            for _ in range(accum):
+                with torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32"):
+                    _, loss = forward(x, y)
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        seconds[name] = best_time(step, repeats=2)
+    torch.set_rng_state(rng)
+    best = min(seconds, key=seconds.get)
+    tokens = s.micro_batch * s.seq_len * accum
+    print("machine: train_step measured on this run's shape: " + ", ".join(
+        f"{name} {tokens / t:,.0f} tok/s" for name, t in seconds.items()) + f"; taking {best}", flush=True)
+    return best
 
 
 def build_data(s: Settings, tok: Tokenizer, rank: int, world: int, accum: int, ckpt: dict | None):
@@ -151,8 +210,12 @@ def build_data(s: Settings, tok: Tokenizer, rank: int, world: int, accum: int, c
         dist.barrier()
     meta = data.read_meta(tokens_dir)
     if s.data_mode == "prepare":
-        loader = data.TokenLoader(data.Chunks(data.load_shards(tokens_dir, meta, "train"), s.seq_len),
-                                  s.micro_batch, accum, rank, world, s.seed, ckpt["step"] if ckpt else 0)
+        if s.batch_ramp and accum < 2:
+            raise UsageError("--batch-ramp halves a step's micro-steps, and this run has one; lower --micro-batch")
+        chunks = data.Chunks(data.load_shards(tokens_dir, meta, "train"), s.seq_len,
+                             doc_start=tok.eos_id if s.doc_chunks else None)  # each document begins with eos
+        loader = data.TokenLoader(chunks, s.micro_batch, accum, rank, world, s.seed, ckpt["step"] if ckpt else 0,
+                                  s.batch_ramp)
     else:
         stream = data.open_dataset(s.data, s.text_field).skip(s.val_docs)
         loader = data.StreamLoader(stream, tok, s.text_field, s.seq_len, s.micro_batch, rank, world)
@@ -179,9 +242,14 @@ def build_model_and_optimizer(s: Settings, cfg: ModelConfig, device: torch.devic
     elif ckpt:
         raw_model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-    model = torch.compile(raw_model) if s.compile else raw_model
+    model = torch.compile(raw_model) if s.compile == "on" else raw_model
     if dist.is_initialized() and not s.fsdp:
         # broadcast_buffers=False: the only buffers are the constant RoPE tables.
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
     return raw_model, model, opt
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int) -> float:
+    matmul_params = n_params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)  # lookup is free
+    return 6 * matmul_params + 12 * cfg.n_layer * cfg.d_model * seq_len  # PaLM appendix B

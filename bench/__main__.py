@@ -13,7 +13,8 @@ every figure. Compile time is left out of the rates (a warm-up call first) and r
   python -m bench --only prefix                    # a shared system prompt: prefix cache on/off, llama-server
   python -m bench --only grammar                   # structured output: the mask's cost per token, free vs JSON
   python -m bench --only sweep --checkpoint checkpoints/tiny    # batch sizes x KV cache, worker processes
-  python -m bench --only recipes                   # training recipes side by side, 10 min each (tiny)
+  python -m bench --only train-budget              # where make train's step goes: fp32/bf16, eager/compiled
+  python -m bench --only recipes                   # the recipe ladder side by side, 10 min each rung (tiny)
   python -m bench --only recipes --recipe-preset slm-40m --recipe-minutes 5 --recipes before muon+wsd \
       "--recipe-flags=--tokens-per-step 4096 --seq-len 256"   # the same for slm-40m, CPU-sized steps
 """
@@ -26,13 +27,14 @@ from pathlib import Path
 import torch
 
 from bench.common import machine_facts
-from bench.recipes import RECIPES
+from bench.recipes import LADDER, RECIPES
 from config import ArgumentParser
 from machine import MACHINE, prepare_process
 
+# name: module
 SECTIONS = {"decode": "decode", "budget": "budget", "prefill": "prefill", "speculate": "speculate", "gemv": "gemv",
             "quality": "quality", "engine": "batching", "serve": "server", "prefix": "prefix", "train": "training",
-            "sweep": "sweep", "recipes": "recipes", "grammar": "grammar"}  # name: module
+            "train-budget": "train_budget", "sweep": "sweep", "recipes": "recipes", "grammar": "grammar"}
 DEFAULT = ["decode", "budget", "prefill", "speculate", "gemv", "quality", "engine", "serve", "prefix", "train"]
 
 
@@ -50,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recipe-preset", default="tiny", help="recipes: the model to train")
     p.add_argument("--recipe-minutes", type=float, default=10, help="recipes: wall-clock budget of each run")
     p.add_argument("--recipe-repeats", type=int, default=1, help="recipes: turns of each recipe")
-    p.add_argument("--recipes", choices=list(RECIPES), nargs="+", default=list(RECIPES), help="recipes: which")
+    p.add_argument("--recipes", choices=list(RECIPES), nargs="+", default=LADDER,
+                   help="recipes: which (default: this issue's ladder, from issue 17's make train to today's)")
     p.add_argument("--recipe-flags", default="", help="recipes: train.py flags added to every recipe")
     p.add_argument("--out", default="generated_texts")
     p.add_argument("--machine", default="", help="pin per-machine choices (see machine.py)")

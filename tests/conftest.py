@@ -46,7 +46,12 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; deselected, with the reason printed, where none is")
     # As every entry point does first. Above all, Inductor's cache folder for this ATEN_CPU_CAPABILITY, before any
     # test compiles: Inductor would otherwise take its default folder, shared by capped and uncapped runs.
-    from machine import prepare_process
+    # Training in tests runs fp32 and uncompiled unless a test says otherwise (flags win over the pin): timing
+    # the candidates compiles each, so test_train.py times them once, on purpose. Subprocesses inherit the pin.
+    import os
+
+    from machine import ENV, prepare_process
+    os.environ[ENV] = ",".join(filter(None, ["train_step=fp32", os.environ.get(ENV)]))
     prepare_process()
 
 

@@ -45,6 +45,10 @@ def ws(small_tokenizer, tmp_path_factory):
                      max_seq_len=64)
     good = {"model": GPT(cfg).state_dict(), "config": cfg.to_dict(), "tokenizer": small_tokenizer.to_str()}
     save_checkpoint(root / "good" / "last.ckpt", good)
+    relu2 = get_config("tiny", vocab_size=512, n_layer=2, d_model=64, n_head=4, n_kv_head=2, ffn_hidden=128,
+                       max_seq_len=64, mlp="relu2", qk_norm=True)
+    save_checkpoint(root / "relu2.ckpt", {"model": GPT(relu2).state_dict(), "config": relu2.to_dict(),
+                                          "tokenizer": small_tokenizer.to_str()})
     small = get_config("tiny", vocab_size=300, n_layer=1, d_model=64, n_head=4, n_kv_head=2, ffn_hidden=128)
     save_checkpoint(root / "mismatch.ckpt", {"model": GPT(small).state_dict(), "config": small.to_dict(),
                                              "tokenizer": small_tokenizer.to_str()})
@@ -130,6 +134,15 @@ CASES = [
     ("missing gguf", CNV, ["from-gguf", "{ws}/none.gguf", "--out", "{ws}/x"], 1, "GGUF file not found"),
     ("one-file checkpoint as sharded", CNV, ["from-dcp", "{ws}/good", "--out", "{ws}/x"], 1,
      "is not a sharded checkpoint"),
+    ("ReLU² to Hugging Face", CNV, ["to-hf", "{ws}/relu2.ckpt", "--out", "{ws}/hf"], 1,
+     "no Hugging Face architecture has mlp"),
+    ("QK-norm to GGUF", CNV, ["to-gguf", "{ws}/relu2.ckpt", "--out", "{ws}/m.gguf"], 1,
+     "llama.cpp's llama architecture has no place for"),
+    ("unknown mlp", TRN, ["--mlp", "gelu"], 2, "argument --mlp: invalid choice"),
+    ("batch ramp without micro-steps", TRN, [*TRAIN_SMALL, "--micro-batch", "4", "--tokens-per-step", "256",
+                                            "--batch-ramp", "5"], 2, "--batch-ramp halves a step's micro-steps"),
+    ("nonsense train_step pin", TRN, [*TRAIN_SMALL, "--machine", "train_step=fp8"], 2,
+     "train_step=fp8 is not fp32, bf16"),
     ("export of a corrupt checkpoint", CNV, ["to-hf", "{ws}/corrupt.ckpt", "--out", "{ws}/hf"], 1, "is corrupt"),
     ("tokenizer input missing", TOK, ["train", "--input", "{ws}/none.txt"], 2, "input file(s) not found"),
     ("tokenizer vocab too small", TOK, ["train", "--input", "{ws}/small/0.txt", "--vocab-size", "10"], 2,

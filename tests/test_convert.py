@@ -10,7 +10,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize, quantize
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen3ForCausalLM
 
 import convert
 import gguf_file
@@ -39,15 +39,16 @@ def ours_ckpt(cfg, tokenizer):
     return {"model": model.state_dict(), "config": cfg.to_dict(), "tokenizer": tokenizer.to_str()}
 
 
-# smollm2's family shrunk (MHA, GQA, untied), and tiny's own shape (untied, 128-token context).
+# smollm2's family shrunk (MHA, GQA, untied), tiny's own shape (untied, 128-token context), and tiny with
+# QK-norm, which is Qwen3 (Llama with an RMSNorm on each head's q and k).
 @pytest.mark.parametrize("cfg", [shrunk(6, True), shrunk(2, True), shrunk(3, False),
-                                 get_config("tiny", vocab_size=512)],
-                         ids=["mha-tied", "gqa-tied", "gqa-untied", "tiny"])
+                                 get_config("tiny", vocab_size=512), get_config("tiny", vocab_size=512, qk_norm=True)],
+                         ids=["mha-tied", "gqa-tied", "gqa-untied", "tiny", "qk-norm-qwen3"])
 def test_export_matches_transformers_logits(cfg, small_tokenizer, tmp_path):
     ckpt = ours_ckpt(cfg, small_tokenizer)
     convert.write_hf(ckpt, tmp_path / "hf")
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    assert isinstance(theirs, LlamaForCausalLM)
+    assert isinstance(theirs, Qwen3ForCausalLM if cfg.qk_norm else LlamaForCausalLM)
     ours, _ = model_from_checkpoint(ckpt)
     idx = torch.randint(0, 512, (2, 40))
     with torch.no_grad():

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import data
 from tokenizer import Tokenizer
@@ -57,6 +58,53 @@ def test_ranks_disjoint_and_cover_everything():
     assert [everyone.chunk_ids(s, 0)[0] for s in range(len(chunks), 2 * len(chunks))] != epoch
     x, y = single.batch(3, 1)
     assert x.shape == (3, 10) and (x[:, 1:] == y[:, :-1]).all()
+
+
+def test_document_chunks_lie_within_one_document_each():
+    """--doc-chunks: against a plain loop over each document (split at its <|endoftext|>, 0 here), every window
+    of seq_len + 1 tokens that fits in it, the first at its start; a window may end on the next one's first token."""
+    rng = np.random.default_rng(0)
+    shards = []
+    for lengths in ([3, 25, 7, 40, 11], [18, 2, 33]):
+        docs = [np.concatenate([[0], rng.integers(1, 50, n)]) for n in lengths]
+        shards.append(np.concatenate(docs).astype(np.uint16))
+    seq = 6
+    expected = []
+    for shard in shards:
+        starts = [i for i, t in enumerate(shard) if t == 0] + [len(shard)]
+        for a, b in zip(starts, starts[1:]):
+            end = min(b + 1, len(shard))
+            expected += [shard[o:o + seq + 1].tolist() for o in range(a, end - seq, seq)]
+    chunks = data.Chunks(shards, seq, doc_start=0)
+    assert [chunks[c].tolist() for c in range(len(chunks))] == expected
+    assert all(len(w) == seq + 1 and 0 not in w[1:-1] for w in expected)
+    assert len(chunks) < len(data.Chunks(shards, seq))  # what the stream windows took across documents
+
+
+def test_batch_ramp_halves_the_first_steps_and_resumes_exactly():
+    """--batch-ramp: the first steps read half the rows; ranks still split each step's rows between them, and a
+    loader started at step s reads what the uninterrupted one reads from s on."""
+    chunks = data.Chunks([np.arange(5000, dtype=np.uint16)], seq_len=10)
+    mb, accum, ramp = 2, 4, 3
+
+    def rows(loader, first, last):
+        out = []
+        for s in range(first, last):
+            out.append([c for m in range(loader.accum_at(s)) for c in loader.chunk_ids(s, m)])
+        return out
+    one = data.TokenLoader(chunks, mb, accum, seed=1, ramp_steps=ramp)
+    steps = rows(one, 0, 8)
+    assert [len(r) for r in steps] == [mb * accum // 2] * ramp + [mb * accum] * 5
+    flat = [c for r in steps for c in r]
+    assert len(set(flat)) == len(flat) and one.rows_before(8) == len(flat)
+    assert rows(data.TokenLoader(chunks, mb, accum, seed=1, start_step=5, ramp_steps=ramp), 5, 8) == steps[5:]
+    halves = [data.TokenLoader(chunks, mb, accum // 2, rank, 2, seed=1, ramp_steps=ramp) for rank in range(2)]
+    for s in range(8):
+        assert sorted(c for loader in halves for c in rows(loader, s, s + 1)[0]) == sorted(steps[s])
+    loader = data.TokenLoader(chunks, mb, accum, seed=1, ramp_steps=ramp)
+    read = [loader.next_batch()[0] for _ in range(ramp * accum // 2 + accum)]  # next_batch walks the same rows
+    assert torch.equal(torch.cat(read), torch.cat([one.batch(s, m)[0] for s in range(ramp + 1)
+                                                   for m in range(one.accum_at(s))]))
 
 
 def test_loader_rejects_tiny_corpus():

@@ -72,12 +72,17 @@ def prefill(m: GPT, kv_cache, chunks: list[list[int]], rows: list[int], starts: 
     return m.step(ids, positions, parts, kv_cache, ends)
 
 
-@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
-def test_prefill_and_decode_steps_match_full_forward_on_ragged_rows(n_kv_head):
+LEVERS = dict(qk_norm=True, value_residual=True, logit_softcap=3.0, mlp="relu2", unet_skips=True, n_layer=5)
+
+
+@pytest.mark.parametrize("config", [dict(n_kv_head=4), dict(n_kv_head=2), dict(n_kv_head=1), LEVERS],
+                         ids=["mha", "gqa", "mqa", "levers"])
+def test_prefill_and_decode_steps_match_full_forward_on_ragged_rows(config):
     """Rows of different lengths at different positions: chunked prefill (one prompt in two chunks, the
-    others in one batch) and then decode_step over all rows at once give each row's full-forward logits."""
+    others in one batch) and then decode_step over all rows at once give each row's full-forward logits.
+    Also with the config levers on (value residuals and U-net skips pass state between layers)."""
     torch.manual_seed(0)
-    m = GPT(small_config(n_kv_head=n_kv_head)).eval()  # the default init: no margins built in
+    m = GPT(small_config(**config)).eval()  # the default init: no margins built in
     lengths, n_decode = [5, 13, 1], 7
     rows = [torch.randint(0, 97, (n + n_decode,)) for n in lengths]
     with torch.no_grad():
@@ -136,7 +141,7 @@ def test_gqa_matches_slow_reference(n_kv_head):
     x = torch.randn(2, 10, 32)
     cos, sin = m.rope_cos[:10], m.rope_sin[:10]
     with torch.no_grad():
-        ours = attn(x, cos, sin, None, None)
+        ours, _ = attn(x, cos, sin, None, None)
         ref = slow_attention(x, attn, cos, sin)
     assert torch.allclose(ours, ref, atol=1e-5)
 
@@ -151,7 +156,7 @@ def test_mha_equals_torch_multihead_attention():
         mha.in_proj_weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
         mha.out_proj.weight.copy_(attn.o_proj.weight)
         x = torch.randn(2, 10, 32)
-        ours = attn(x, torch.ones(10, 8), torch.zeros(10, 8), None, None)
+        ours, _ = attn(x, torch.ones(10, 8), torch.zeros(10, 8), None, None)
         causal = torch.triu(torch.ones(10, 10, dtype=torch.bool), 1)
         ref, _ = mha(x, x, x, attn_mask=causal, need_weights=False)
     assert torch.allclose(ours, ref, atol=1e-5)

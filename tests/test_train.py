@@ -13,10 +13,12 @@ import pytest
 import torch
 
 import train
+import training
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from config import get_config
+from config import MLPS, get_config
 from machine import peak_matmul_flops
 from model import GPT
+from optim import RECIPES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -161,6 +163,32 @@ def test_bf16_autocast_training_follows_fp32(tok_path, tmp_path):
     assert losses["bf16"][-1] < losses["bf16"][0]
 
 
+def test_auto_precision_times_the_runs_own_step_and_takes_the_faster(tok_path, tmp_path, machine, monkeypatch,
+                                                                     capsys):
+    """--dtype auto --compile off on a CPU: fp32 and bf16 autocast are timed on the run's shape (a fresh model
+    and optimizer), the log gives both rates, the faster is taken and saved in the checkpoint; the next run of
+    the same shape takes it from .cache/machine without timing; a pin decides only what the flags leave auto."""
+    import machine as machine_module
+    monkeypatch.setattr(machine_module, "measured_path", lambda: tmp_path / "measured.json")
+    machine.values.pop("train_step", None)
+    common = ["--max-steps", "1", "--micro-batch", "4", "--tokens-per-step", "512", "--compile", "off"]
+    ckpt = run_in_process([*without(small_run(tok_path, tmp_path / "a", *common), "--dtype"), "--dtype", "auto"])
+    timed = re.search(r"train_step measured on this run's shape: fp32 ([\d,]+) tok/s, bf16 ([\d,]+) tok/s; "
+                      r"taking (\w+)", capsys.readouterr().out)
+    fp32, bf16 = (int(timed.group(i).replace(",", "")) for i in (1, 2))
+    assert timed.group(3) == ckpt["train_args"]["dtype"] == ("bf16" if bf16 > fp32 else "fp32")
+    assert ckpt["train_args"]["compile"] == "off"
+    kept = json.loads((tmp_path / "measured.json").read_text())
+    assert [k.split("@")[0] for k in kept] == ["train_step"] and list(kept.values()) == [timed.group(3)]
+    machine.values.pop("train_step")
+    again = run_in_process([*without(small_run(tok_path, tmp_path / "b", *common), "--dtype"), "--dtype", "auto"])
+    assert "measured on this run's shape" not in capsys.readouterr().out
+    assert machine.how["train_step"] == "measured earlier" and again["train_args"]["dtype"] == timed.group(3)
+    machine.pin("train_step=bf16+compile")  # the pin gives bf16; --compile off still wins
+    pinned = run_in_process([*without(small_run(tok_path, tmp_path / "c", *common), "--dtype"), "--dtype", "auto"])
+    assert (pinned["train_args"]["dtype"], pinned["train_args"]["compile"]) == ("bf16", "off")
+
+
 def test_gradient_accumulation_equals_big_batch(tok_path, tmp_path):
     four_by_two = run_in_process(small_run(tok_path, tmp_path / "a", "--max-steps", "2", "--micro-batch", "2",
                                            "--tokens-per-step", "512"))
@@ -180,14 +208,23 @@ def tiny_recipe(argv: list[str]) -> list[str]:
     return without(without(argv, "--optimizer"), "--schedule")
 
 
-@pytest.mark.parametrize("recipe", ["adamw+cosine", "tiny's muon+wsd"])
+LEVERS = ["--qk-norm", "--zero-init", "--value-residual", "--logit-softcap", "15", "--mlp", "relu2", "--unet-skips"]
+
+
+@pytest.mark.parametrize("recipe", ["adamw+cosine", "tiny's muon+wsd", "bf16, every lever, ramp, doc chunks"])
 def test_resume_is_exact(tok_path, tmp_path, recipe):
     """Stopped at step 3 in one process and resumed in another, a run equals one straight through, bit for bit
-    (Newton-Schulz pinned to fp32 in both, so no process times its own choice)."""
+    (Newton-Schulz pinned to fp32 in both, so no process times its own choice), also in bf16 with every config
+    lever, a batch ramp across the stop and windows within documents."""
     def argv(out_dir, *extra):
         run = small_run(tok_path, out_dir, "--max-steps", "6", "--micro-batch", "4", "--tokens-per-step", "256",
                         "--save-every", "100", *extra)
-        return run if recipe == "adamw+cosine" else tiny_recipe(run)
+        if recipe == "adamw+cosine":
+            return run
+        if recipe == "tiny's muon+wsd":
+            return tiny_recipe(run)
+        return [*without(tiny_recipe(run), "--dtype"), "--dtype", "bf16", "--micro-batch", "2", "--batch-ramp", "4",
+                "--doc-chunks", *LEVERS]
 
     straight = run_in_process(argv(tmp_path / "straight"))
     stopped = run_in_subprocess(argv(tmp_path / "split", "--stop-at", "3"))
@@ -212,6 +249,8 @@ def test_every_flag_that_changes_the_model_or_optimizer_is_refused_on_resume(tok
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             changes[name] = [flag if not value else "--no-" + flag[2:]]
+        elif isinstance(value, str):  # a choice: another of them
+            changes[name] = [flag, next(c for c in MLPS if c != value)]
         else:
             changes[name] = [flag, str(value * 2 if value else 0.5)]
     assert set(changes) == {f.dest for f in train.build_parser()._actions if f.dest in saved["config"]} | \
@@ -283,7 +322,8 @@ def test_make_train_runs_tiny_from_nothing_and_leaves_the_tree_clean(tmp_path):
     assert (tmp_path / "data" / "shakespeare-bpe4096.json").is_file()
     run_dir = tmp_path / "checkpoints" / "tiny"
     last = load_checkpoint(run_dir / "last.ckpt")
-    assert last["config"] == get_config("tiny").to_dict() and last["step"] > 2
+    levers = {k: v for k, v in RECIPES["tiny"].items() if k in get_config("tiny").to_dict()}
+    assert levers and last["config"] == get_config("tiny", **levers).to_dict() and last["step"] > 2
     assert (last["train_args"]["optimizer"], last["train_args"]["schedule"]) == ("muon", "wsd")
     assert last["history"]["lr"][-1][1] == last["train_args"]["min_lr"]  # the budget's end came, then stopped
     samples = (run_dir / "samples.md").read_text()
@@ -383,7 +423,7 @@ def test_flops_per_token_counts_head_once():
         cfg = get_config("tiny", tie_embeddings=tied)
         n = GPT(cfg).num_params()
         lookup = 0 if tied else cfg.vocab_size * cfg.d_model
-        assert train.flops_per_token(cfg, 256, n) == 6 * (n - lookup) + 12 * cfg.n_layer * cfg.d_model * 256
+        assert training.flops_per_token(cfg, 256, n) == 6 * (n - lookup) + 12 * cfg.n_layer * cfg.d_model * 256
     assert math.isfinite(peak_matmul_flops(torch.device("cpu"), torch.float32))
 
 
