@@ -121,13 +121,15 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps), RMSNorm(cfg.head_dim, cfg.norm_eps)
         # The first layer's values pass on as they are; later layers learn how much of them to mix in.
         self.value_mix = nn.Parameter(torch.full((1,), 0.5)) if cfg.value_residual and not first else None
+        self.passes_values = cfg.value_residual and first
 
     def forward(self, x, cos, sin, parts: list[Decode | Prefill] | None = None, kv=None,
                 first_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, d_model). Without parts: causal attention within x (training, scoring). With parts: x is
         one engine step's tokens, flat (B == 1), part after part; their keys and values go into kv, this
         layer's (k_cache, v_cache), and each part attends over the cache its own way. first_v: the first
-        layer's values of these tokens (value residuals). Returns the output and this layer's values."""
+        layer's values of these tokens (value residuals). Returns the output, and the first layer's values
+        where later layers mix them in (else None)."""
         B, T, _ = x.shape
         q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -149,7 +151,7 @@ class Attention(nn.Module):
                 ys.append(part.attend(self, q[0, :, start:end], k[0, :, start:end], v[0, :, start:end], kv))
                 start = end
             y = (ys[0] if len(ys) == 1 else torch.cat(ys, dim=1))[None]
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), v
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), v if self.passes_values else None
 
     def decode_attention(self, q, k, v, mask):
         """Attention of one new query per row over the cache, written out: the query heads that share a KV

@@ -175,7 +175,8 @@ def train(args: argparse.Namespace, explicit: dict) -> None:
         print(f"model: {raw_model.num_params():,} parameters  config: {cfg.to_dict()}")
         until = f"{s.time_budget:g} min of training" if budget_s else f"step {s.max_steps}"
         print(f"train: world {world} x micro-batch {s.micro_batch} x seq {s.seq_len} x accum {accum} = "
-              f"{tokens_per_step:,} tokens/step, from step {step} to {until}, device {device}, {s.dtype}")
+              f"{tokens_per_step:,} tokens/step, from step {step} to {until}, device {device}, {s.dtype}"
+              f"{', compiled' if s.compile == 'on' else ''}")
         print(f"machine: {MACHINE.describe()}")
         print("args: " + " ".join(f"{k}={v}" for k, v in sorted(vars(s).items())))
 

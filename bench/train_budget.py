@@ -9,6 +9,7 @@ import time
 import torch
 
 from config import get_config
+from layers import bf16_gemms_run_in_fp32
 from machine import peak_matmul_flops
 from model import GPT
 from optim import BASE_RECIPE, RECIPES, make_optimizer
@@ -25,6 +26,8 @@ def bench_train_budget(preset: str = "tiny", micro_batch: int = 16, steps: int =
     gen = torch.Generator().manual_seed(0)
     x, y = (torch.randint(0, cfg.vocab_size, (micro_batch, cfg.max_seq_len), generator=gen) for _ in "xy")
     tokens = micro_batch * cfg.max_seq_len * accum
+    # Muon's Newton-Schulz runs in bf16 unless this CPU's bf16 GEMMs are the slower kind (optim.py).
+    muon_peak = peak_matmul_flops(torch.device("cpu"), torch.float32 if bf16_gemms_run_in_fp32() else torch.bfloat16)
     rows = []
     for name in CANDIDATES:
         dtype, _, compiled = name.partition("+")
@@ -59,12 +62,24 @@ def bench_train_budget(preset: str = "tiny", micro_batch: int = 16, steps: int =
         gemm_ms = flops_per_token(cfg, cfg.max_seq_len, model.num_params()) * tokens / peak * 1e3
         row = {"preset": preset, "step": name, "accum": accum, "tokens": tokens, "total_ms": total,
                "tok_s": tokens / total * 1e3, "gemms_at_peak_ms": gemm_ms, "peak_gflops": peak / 1e9,
+               "muon_gemms_at_peak_ms": newton_schulz_flops(opt) / muon_peak * 1e3,
                **{f"{part}_ms": ms for part, ms in per_step.items()}}
         rows.append(row)
         print(f"train budget {name:13s}: " + "  ".join(f"{p} {per_step[p]:6.1f}" for p in PARTS) +
-              f"  = {total:6.1f} ms/step ({row['tok_s']:,.0f} tok/s); its matmuls at the {peak / 1e9:,.0f} "
-              f"GFLOP/s peak: {gemm_ms:.1f} ms", flush=True)
+              f"  = {total:6.1f} ms/step ({row['tok_s']:,.0f} tok/s); at the {peak / 1e9:,.0f} GFLOP/s peak its "
+              f"model matmuls take {gemm_ms:.1f} ms, Muon's {row['muon_gemms_at_peak_ms']:.1f}", flush=True)
     return rows
+
+
+def newton_schulz_flops(opt) -> float:
+    """Muon's matmul FLOPs in one step: per m x n matrix (m <= n) and iteration, X X^T (2 m^2 n), the Gram
+    matrix squared (2 m^3) and its product with X (2 m^2 n)."""
+    total = 0.0
+    for group in opt.parts["muon"].param_groups:
+        for p in group["params"]:
+            m, n = sorted(p.shape)
+            total += group["ns_steps"] * (4 * m * m * n + 2 * m ** 3)
+    return total
 
 
 def run(args) -> list[dict]:

@@ -24,10 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def small_run(tok_path, out_dir, *extra):
-    # AdamW + cosine unless a test asks for Muon or WSD (tiny's defaults), so each test keeps one recipe. Muon's
-    # Newton-Schulz runs in fp32 whatever this CPU's bf16 rate (machine.py's choice, pinned): its bf16 iteration
-    # turns the all-reduce's rounding into differences of 1e-4 after 3 steps.
+    # AdamW + cosine unless a test asks for Muon or WSD (tiny's defaults), and plain Llama (tiny's recipe turns
+    # model levers on), so each test keeps one recipe. Muon's Newton-Schulz runs in fp32 whatever this CPU's bf16
+    # rate (machine.py's choice, pinned): its bf16 iteration turns the all-reduce's rounding into differences of
+    # 1e-4 after 3 steps.
     return ["--device", "cpu", "--machine", "bf16_gemms_in_fp32=1", "--optimizer", "adamw", "--schedule", "cosine",
+            "--no-qk-norm", "--no-value-residual", "--no-unet-skips",
             "--n-layer", "2", "--d-model", "64", "--n-head", "4", "--n-kv-head", "2", "--ffn-hidden", "128",
             "--vocab-size", "512", "--max-seq-len", "64", "--tokenizer", str(tok_path), "--dtype", "fp32",
             "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "1000", "--peak-flops", "1e12",
