@@ -12,6 +12,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from config import ModelConfig, get_config
 from layers import bf16_gemms_run_in_fp32
 from model import GPT
 
@@ -23,6 +24,12 @@ BASE_RECIPE = {"tokens_per_step": 100_000, "lr": 5e-4, "optimizer": "adamw", "sc
                "doc_chunks": False}
 # What checkpoints without these fields used.
 BEFORE_RECIPES = {"optimizer": "adamw", "schedule": "cosine", "batch_ramp": 0, "doc_chunks": False}
+
+
+def recipe_config(preset: str) -> ModelConfig:
+    """The preset with its recipe's model levers: the model `train.py --preset PRESET` trains."""
+    fields = ModelConfig.__dataclass_fields__
+    return get_config(preset, **{k: v for k, v in RECIPES.get(preset, {}).items() if k in fields})
 
 
 def lr_at(progress: float, s: argparse.Namespace) -> float:

@@ -8,11 +8,10 @@ import time
 
 import torch
 
-from config import get_config
 from layers import bf16_gemms_run_in_fp32
 from machine import peak_matmul_flops
 from model import GPT
-from optim import BASE_RECIPE, RECIPES, make_optimizer
+from optim import BASE_RECIPE, RECIPES, make_optimizer, recipe_config
 from training import flops_per_token
 
 CANDIDATES = ("fp32", "fp32+compile", "bf16", "bf16+compile")
@@ -20,14 +19,17 @@ PARTS = ("forward", "backward", "muon", "adamw")
 
 
 def bench_train_budget(preset: str = "tiny", micro_batch: int = 16, steps: int = 8) -> list[dict]:
-    cfg = get_config(preset)
+    cfg = recipe_config(preset)
     s = argparse.Namespace(**BASE_RECIPE | RECIPES.get(preset, {}), muon_lr=None, weight_decay=0.1)
     accum = max(1, s.tokens_per_step // (micro_batch * cfg.max_seq_len))
     gen = torch.Generator().manual_seed(0)
     x, y = (torch.randint(0, cfg.vocab_size, (micro_batch, cfg.max_seq_len), generator=gen) for _ in "xy")
     tokens = micro_batch * cfg.max_seq_len * accum
-    # Muon's Newton-Schulz runs in bf16 unless this CPU's bf16 GEMMs are the slower kind (optim.py).
-    muon_peak = peak_matmul_flops(torch.device("cpu"), torch.float32 if bf16_gemms_run_in_fp32() else torch.bfloat16)
+    # Each dtype's peak timed once, before the steps. Muon's Newton-Schulz runs in bf16 unless this CPU's bf16
+    # GEMMs are the slower kind (optim.py).
+    peaks = {name: peak_matmul_flops(torch.device("cpu"), dtype) for name, dtype in
+             (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    muon_peak = peaks["fp32" if bf16_gemms_run_in_fp32() else "bf16"]
     rows = []
     for name in CANDIDATES:
         dtype, _, compiled = name.partition("+")
@@ -58,7 +60,7 @@ def bench_train_budget(preset: str = "tiny", micro_batch: int = 16, steps: int =
         # Each part's median over the steps after the first two (the first compiles).
         per_step = {part: sorted(v[2:])[len(v[2:]) // 2] * 1e3 for part, v in times.items()}
         total = sum(per_step.values())
-        peak = peak_matmul_flops(torch.device("cpu"), torch.bfloat16 if dtype == "bf16" else torch.float32)
+        peak = peaks[dtype]
         gemm_ms = flops_per_token(cfg, cfg.max_seq_len, model.num_params()) * tokens / peak * 1e3
         row = {"preset": preset, "step": name, "accum": accum, "tokens": tokens, "total_ms": total,
                "tok_s": tokens / total * 1e3, "gemms_at_peak_ms": gemm_ms, "peak_gflops": peak / 1e9,
