@@ -91,14 +91,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         prepare_process(args.machine)
         model, tok = load_model(args.checkpoint, args.device, args.dtype, args.quantize)
+        # Rows as long as a capped prompt (~1 token per 4 characters) plus the new tokens, within the context.
+        max_len = min(model.config.max_seq_len, MAX_PROMPT_CHARS // 2 + args.max_new_tokens)
+        engine = EngineLoop(Engine(model, rows=args.batch_size, max_len=max_len, tokenizer=tok, step=args.step,
+                                   prefix_cache_mb=args.prefix_cache_mb, kv_cache_dtype=args.kv_cache_dtype))
     except (CheckpointError, ValueError) as e:
         p.exit(1, f"error: {e}\n")
     if args.chat and not tok.chat_template:
         p.error("--chat: this checkpoint has no chat template")
-    # Rows as long as a capped prompt (~1 token per 4 characters) plus the new tokens, within the context.
-    max_len = min(model.config.max_seq_len, MAX_PROMPT_CHARS // 2 + args.max_new_tokens)
-    engine = EngineLoop(Engine(model, rows=args.batch_size, max_len=max_len, tokenizer=tok, step=args.step,
-                               prefix_cache_mb=args.prefix_cache_mb))
     app = build_app(engine, tok, args.max_new_tokens, args.chat, title=f"slm · {args.checkpoint}")
     app.queue().launch(server_name=args.host, server_port=args.port, show_error=True, prevent_thread_lock=True)
     try:

@@ -9,6 +9,7 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the names every script takes
 STEPS = ("auto", "fused", "eager", "compiled")  # how the engine runs a pass (runner.py)
+KV_CACHE_DTYPES = ("auto", "int8")  # auto: the model's dtype; int8: 8 bits a value and a scale a slot (step.cpp)
 QUANTIZE = ("auto", "none", "int8", "int4")     # load-time weight formats (checkpoint.load_model)
 MLPS = ("swiglu", "relu2")
 LEVERS = ("qk_norm", "value_residual", "logit_softcap", "mlp", "unet_skips")  # zero_init is an init: still Llama
@@ -173,6 +174,9 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix-cache-mb", type=positive(int, zero=True), default=256,
                         help="keep the KV blocks of prompts (up to this many MiB) for later prompts that begin the "
                              "same way, e.g. a shared system prompt; 0: off")
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                        help="int8: keep K and V in 8 bits (a quarter of fp32's memory; fused step only; changes the "
+                             "numbers slightly, see the README)")
     add_runtime_args(parser)
 
 

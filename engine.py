@@ -31,13 +31,15 @@ from tokenizer import StreamDecoder, Tokenizer
 class Engine:
     def __init__(self, model: GPT, *, rows: int, max_len: int, tokenizer: Tokenizer | None = None,
                  eos_id: int | None = None, step: str = "auto", batching: str = "continuous",
-                 prefill_tokens: int = 256, use_cache: bool = True, prefix_cache_mb: int = 0):
+                 prefill_tokens: int = 256, use_cache: bool = True, prefix_cache_mb: int = 0,
+                 kv_cache_dtype: str = "auto"):
         """rows: sequences generated at once. max_len: the longest prompt + new tokens of any request.
         step: how the runner runs a pass (runner.py): auto (fused where it runs), fused, eager or compiled.
         use_cache=False recomputes every sequence whole at every step (for comparison only). prefix_cache_mb:
-        keep the KV blocks of prompts, up to this many MiB, for later prompts that begin the same way."""
+        keep the KV blocks of prompts, up to this many MiB, for later prompts that begin the same way.
+        kv_cache_dtype int8: K and V in 8 bits (fused step only; runner.py)."""
         self.scheduler = Scheduler(rows, max_len, batching, prefill_tokens, whole_prompts=not use_cache)
-        self.runner = ModelRunner(model, rows, max_len, step, use_cache)
+        self.runner = ModelRunner(model, rows, max_len, step, use_cache, kv_cache_dtype)
         self.prefix = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb > 0 and use_cache else None
         self.model, self.tok, self.max_len, self.batching = model, tokenizer, max_len, batching
         self.eos_id = tokenizer.eos_id if eos_id is None and tokenizer is not None else eos_id

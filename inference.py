@@ -99,7 +99,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def make_engine(model: GPT, tok: Tokenizer, args: argparse.Namespace, max_len: int, prompts: int) -> Engine:
     """An engine of --batch-size rows, or fewer when there are fewer prompts (every row costs a step)."""
     return Engine(model, rows=min(args.batch_size, prompts), max_len=max_len, tokenizer=tok, step=args.step,
-                  batching=args.batching, use_cache=not args.no_kv_cache, prefix_cache_mb=args.prefix_cache_mb)
+                  batching=args.batching, use_cache=not args.no_kv_cache, prefix_cache_mb=args.prefix_cache_mb,
+                  kv_cache_dtype=args.kv_cache_dtype)
 
 
 def make_request(i: int, ids: list[int], args: argparse.Namespace, on_text=None) -> Request:

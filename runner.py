@@ -26,14 +26,18 @@ from scheduler import Batch, Sequence
 KV_WINDOW = 64  # eager passes read the cache slots in use, rounded up to this
 
 
-def allocate_kv_cache(model: GPT, rows: int, slots: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def allocate_kv_cache(model: GPT, rows: int, slots: int,
+                      dtype: str = "auto") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer K/V buffers of shape (rows, n_kv_head, slots, head_dim), in the model's dtype. Separate tensors:
-    a compiled step writes into each in place (views of one big tensor made Inductor copy it whole)."""
+    a compiled step writes into each in place (views of one big tensor made Inductor copy it whole).
+    dtype int8: each slot is head_dim int8 values and their fp32 scale, 4 bytes more (step.cpp's store_q8), so
+    that a slice of slots (the prefix cache's blocks) carries its scales with it."""
     cfg = model.config
     if slots > cfg.max_seq_len:
         raise ValueError(f"KV cache length {slots} exceeds max_seq_len {cfg.max_seq_len}")
-    shape = (rows, cfg.n_kv_head, slots, cfg.head_dim)
-    options = {"dtype": model.norm.weight.dtype, "device": model.rope_cos.device}
+    int8 = dtype == "int8"
+    shape = (rows, cfg.n_kv_head, slots, cfg.head_dim + 4 * int8)
+    options = {"dtype": torch.int8 if int8 else model.norm.weight.dtype, "device": model.rope_cos.device}
     cache = [(torch.zeros(shape, **options), torch.zeros(shape, **options)) for _ in model.layers]
     if model.rope_cos.is_cuda:  # CUDA graphs replay in-place writes only into inputs with fixed addresses
         for k, v in cache:
@@ -81,9 +85,11 @@ def logits_at(batch: Batch, offset: int) -> list[int]:
 
 
 class ModelRunner:
-    def __init__(self, model: GPT, rows: int, max_len: int, step: str = "auto", use_cache: bool = True):
+    def __init__(self, model: GPT, rows: int, max_len: int, step: str = "auto", use_cache: bool = True,
+                 kv_cache_dtype: str = "auto"):
         """step: fused, eager or compiled (auto: fused where it runs, else eager). use_cache=False recomputes
-        every sequence whole at every step (for comparison only)."""
+        every sequence whole at every step (for comparison only). kv_cache_dtype int8: an 8-bit KV cache (fused
+        step only)."""
         if step not in STEPS:
             raise ValueError(f"step must be one of {', '.join(STEPS)}, not {step!r}")
         if step == "fused" and not fused_runs(model):
@@ -91,9 +97,13 @@ class ModelRunner:
                              "int8/int4 weights; use --step eager")
         self.model, self.rows, self.max_len, self.use_cache = model, rows, max_len, use_cache
         self.device = model.rope_cos.device
-        self.kv_cache = allocate_kv_cache(model, rows, max_len) if use_cache else None
         self.step = "recompute" if not use_cache else ("fused" if fused_runs(model) else "eager") if step == "auto" \
             else step
+        if kv_cache_dtype == "int8" and self.step != "fused":
+            raise ValueError(f"an int8 KV cache runs in the fused step only, and this run takes the {self.step} step "
+                             "(plain Llama on the CPU with fp32 or int8/int4 weights is fused); use --kv-cache-dtype "
+                             "auto")
+        self.kv_cache = allocate_kv_cache(model, rows, max_len, kv_cache_dtype) if use_cache else None
         self.compiled = self.step == "compiled"
         self.decode_step = compile_decode_step(model) if self.compiled else model.decode_step
         self.fused = fused_model(model) if self.step == "fused" else None

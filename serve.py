@@ -129,6 +129,9 @@ def create_app(engine: EngineLoop, tok: Tokenizer, model_name: str, api_key: str
         e = engine.engine
         return {"status": "ok", "active_rows": e.active(), "queued": e.queued(), "rows": e.rows,
                 "step": e.runner.step, "generated_tokens": e.stats["new_tokens"], "finished": dict(e.stats["finished"]),
+                # the engine's own time in passes that made tokens: against a client's gaps, what HTTP costs
+                "decode_steps": e.stats["decode_steps"], "decoded_row_steps": e.stats["decoded_row_steps"],
+                "decode_s": e.stats["decode_s"],
                 "prefix_cache": e.prefix.summary() if e.prefix is not None else None, "machine": MACHINE.summary()}
 
     @app.get("/v1/models")
@@ -382,13 +385,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         prepare_process(args.machine)
         model, tok = load_model(args.checkpoint, args.device, args.dtype, args.quantize)
+        max_len = min(args.max_len, model.config.max_seq_len)
+        engine = EngineLoop(Engine(model, rows=args.batch_size, max_len=max_len, tokenizer=tok, step=args.step,
+                                   prefix_cache_mb=args.prefix_cache_mb, kv_cache_dtype=args.kv_cache_dtype))
     except (CheckpointError, ValueError) as e:
         p.exit(1, f"error: {e}\n")
     path = Path(args.checkpoint)
     name = args.model_name or (path.parent.name if path.suffix == ".ckpt" else path.name)
-    max_len = min(args.max_len, model.config.max_seq_len)
-    engine = EngineLoop(Engine(model, rows=args.batch_size, max_len=max_len, tokenizer=tok, step=args.step,
-                               prefix_cache_mb=args.prefix_cache_mb))
     app = create_app(engine, tok, name, args.api_key, args.max_queue, args.speculate == "ngram", args.draft_tokens,
                      args.metrics)
     # HTTP in a thread of its own; the engine steps in the main thread (see EngineLoop).

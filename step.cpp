@@ -5,7 +5,8 @@
 // projections, RoPE, the KV-cache writes, attention of each token over its own row's slots up to its own (each
 // row as long as it is, no padding), o, RMSNorm, gate/up, SwiGLU and down; then the final norm and the head for
 // the tokens whose logits are wanted. The weights stay the model's own tensors (fp32, or the quantized layers'
-// int4/int8 blocks), so the numbers are the model's, up to the order of summation.
+// int4/int8 blocks), so the numbers are the model's, up to the order of summation. The KV cache is fp32, or
+// (opt-in, --kv-cache-dtype int8) 8 bits a value with one scale per slot and head, which changes the numbers.
 //
 // The loops are written once and compiled per instruction set (the quantized matmuls are kernels.cpp's); the
 // model runs the set machine.py chose, so a test can pin it.
@@ -17,9 +18,27 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 namespace slm {
 namespace {
+
+// --- the 8-bit KV cache: each slot of each kv head holds hd int8 values, then one fp32 scale --------------------
+// Symmetric, rounded to nearest: scale = max |x| / 127, q = round(x / scale). tests/test_runner.py checks the
+// slots against the same rule in torch.
+inline float slot_scale(const int8_t* slot, int64_t hd) {
+    float scale;
+    std::memcpy(&scale, slot + hd, sizeof scale);
+    return scale;
+}
+
+inline void store_q8(const float* x, int64_t hd, int8_t* slot) {
+    float top = 0.f;
+    for (int64_t j = 0; j < hd; ++j) top = std::max(top, std::fabs(x[j]));
+    const float scale = top / 127.f;
+    for (int64_t j = 0; j < hd; ++j) slot[j] = scale > 0.f ? int8_t(std::nearbyint(x[j] / scale)) : int8_t(0);
+    std::memcpy(slot + hd, &scale, sizeof scale);
+}
 
 // --- the elementwise and attention loops, per instruction set ------------------------------------------------
 // Dot products keep 16 partial sums, so that the compiler vectorises them for the target (a float sum in one
@@ -72,6 +91,32 @@ namespace {
             for (int64_t j = 0; j < hd; ++j) out[j] += p * v[s * hd + j];                                      \
         }                                                                                                      \
     }                                                                                                          \
+    /* the same over an 8-bit cache: a slot is hd int8 values, then their fp32 scale (x = scale * q) */        \
+    TARGET void attend_q8_##NAME(const float* q, const int8_t* k, const int8_t* v, int64_t last, int64_t hd,   \
+                                 float* scores, float* out) {                                                  \
+        const float scale = 1.f / std::sqrt(float(hd));                                                        \
+        const int64_t stride = hd + 4;                                                                         \
+        float top = -INFINITY;                                                                                 \
+        for (int64_t s = 0; s <= last; ++s) {                                                                  \
+            const int8_t* ks = k + s * stride;                                                                 \
+            float acc[16] = {0}, sum = 0.f;                                                                    \
+            int64_t j = 0;                                                                                     \
+            for (; j + 16 <= hd; j += 16)                                                                      \
+                for (int t = 0; t < 16; ++t) acc[t] += q[j + t] * float(ks[j + t]);                            \
+            for (; j < hd; ++j) sum += q[j] * float(ks[j]);                                                    \
+            for (int t = 0; t < 16; ++t) sum += acc[t];                                                        \
+            scores[s] = sum * slot_scale(ks, hd) * scale;                                                      \
+            top = std::max(top, scores[s]);                                                                    \
+        }                                                                                                      \
+        float total = 0.f;                                                                                     \
+        for (int64_t s = 0; s <= last; ++s) total += scores[s] = std::exp(scores[s] - top);                    \
+        for (int64_t j = 0; j < hd; ++j) out[j] = 0.f;                                                         \
+        for (int64_t s = 0; s <= last; ++s) {                                                                  \
+            const int8_t* vs = v + s * stride;                                                                 \
+            const float p = scores[s] / total * slot_scale(vs, hd);                                            \
+            for (int64_t j = 0; j < hd; ++j) out[j] += p * float(vs[j]);                                      \
+        }                                                                                                      \
+    }                                                                                                          \
     /* y[r, j] = silu(gu[r, j]) * gu[r, f + j] */                                                              \
     TARGET void swiglu_##NAME(const float* gu, float* y, int64_t rows, int64_t f) {                            \
         for (int64_t r = 0; r < rows; ++r)                                                                     \
@@ -89,13 +134,15 @@ struct Loops {
     void (*rmsnorm)(const float*, const float*, float*, int64_t, int64_t, float);
     void (*rope)(float*, int64_t, int64_t, const float*, const float*);
     void (*attend)(const float*, const float*, const float*, int64_t, int64_t, float*, float*);
+    void (*attend_q8)(const float*, const int8_t*, const int8_t*, int64_t, int64_t, float*, float*);
     void (*swiglu)(const float*, float*, int64_t, int64_t);
 };
 
 Loops loops_for(Isa isa) {
-    if (family(isa) == Family::avx512) return {rmsnorm_avx512, rope_avx512, attend_avx512, swiglu_avx512};
-    if (family(isa) == Family::plain) return {rmsnorm_plain, rope_plain, attend_plain, swiglu_plain};
-    return {rmsnorm_avx2, rope_avx2, attend_avx2, swiglu_avx2};
+    if (family(isa) == Family::avx512)
+        return {rmsnorm_avx512, rope_avx512, attend_avx512, attend_q8_avx512, swiglu_avx512};
+    if (family(isa) == Family::plain) return {rmsnorm_plain, rope_plain, attend_plain, attend_q8_plain, swiglu_plain};
+    return {rmsnorm_avx2, rope_avx2, attend_avx2, attend_q8_avx2, swiglu_avx2};
 }
 
 // --- linear layers --------------------------------------------------------------------------------------------
@@ -190,6 +237,10 @@ class Model {
         const int64_t* row = rows.data_ptr<int64_t>();
         const int64_t* pos = positions.data_ptr<int64_t>();
         const int64_t* at = logits_at.data_ptr<int64_t>();
+        // an fp32 cache holds hd floats a slot; an 8-bit one hd int8 values and their scale (store_q8)
+        const bool q8 = k_cache.at(0).scalar_type() == at::kChar;
+        const int64_t stride = q8 ? hd + 4 : hd;
+        TORCH_CHECK(k_cache[0].size(3) == stride, "a KV cache slot must hold ", stride, q8 ? " bytes" : " floats");
         for (int64_t i = 0; i < N; ++i)
             TORCH_CHECK(pos[i] >= 0 && pos[i] < S && row[i] >= 0 && row[i] < k_cache[0].size(0),
                         "token ", i, " is outside the KV cache");
@@ -224,8 +275,10 @@ class Model {
 #pragma omp barrier
             for (size_t l = 0; l < layers.size(); ++l) {
                 const Layer& layer = layers[l];
-                float* kc = k_cache[l].data_ptr<float>();
-                float* vc = v_cache[l].data_ptr<float>();
+                float* kc = q8 ? nullptr : k_cache[l].data_ptr<float>();
+                float* vc = q8 ? nullptr : v_cache[l].data_ptr<float>();
+                int8_t* kq = q8 ? k_cache[l].data_ptr<int8_t>() : nullptr;
+                int8_t* vq = q8 ? v_cache[l].data_ptr<int8_t>() : nullptr;
                 loop.rmsnorm(x.data() + r0 * D, layer.input_norm.data_ptr<float>(), h.data() + r0 * D, r1 - r0, D,
                              eps);
 #pragma omp barrier
@@ -236,17 +289,27 @@ class Model {
                     loop.rope(token, H + Hkv, hd, cos.data_ptr<float>() + pos[i] * hd,
                               sin.data_ptr<float>() + pos[i] * hd);
                     for (int64_t g = 0; g < Hkv; ++g) {
-                        const int64_t slot = ((row[i] * Hkv + g) * S + pos[i]) * hd;
-                        std::copy(token + (H + g) * hd, token + (H + g + 1) * hd, kc + slot);
-                        std::copy(token + (H + Hkv + g) * hd, token + (H + Hkv + g + 1) * hd, vc + slot);
+                        const int64_t slot = ((row[i] * Hkv + g) * S + pos[i]) * stride;
+                        const float *k = token + (H + g) * hd, *v = token + (H + Hkv + g) * hd;
+                        if (q8) {
+                            store_q8(k, hd, kq + slot);
+                            store_q8(v, hd, vq + slot);
+                        } else {
+                            std::copy(k, k + hd, kc + slot);
+                            std::copy(v, v + hd, vc + slot);
+                        }
                     }
                 }
 #pragma omp barrier
                 const auto [w0, w1] = part(N * H, 1);  // (token, head) pairs
                 for (int64_t w = w0; w < w1; ++w) {
-                    const int64_t i = w / H, q_head = w % H, base = (row[i] * Hkv + q_head / group) * S * hd;
-                    loop.attend(qkv.data() + i * width + q_head * hd, kc + base, vc + base, pos[i], hd,
-                                scores.data(), attn.data() + i * H * hd + q_head * hd);
+                    const int64_t i = w / H, q_head = w % H, base = (row[i] * Hkv + q_head / group) * S * stride;
+                    const float* q = qkv.data() + i * width + q_head * hd;
+                    float* y = attn.data() + i * H * hd + q_head * hd;
+                    if (q8)
+                        loop.attend_q8(q, kq + base, vq + base, pos[i], hd, scores.data(), y);
+                    else
+                        loop.attend(q, kc + base, vc + base, pos[i], hd, scores.data(), y);
                 }
 #pragma omp barrier
                 project(layer.o, attn.data(), N, tmp.data());

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 from bench.common import CHAT_PROMPTS, percentile
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import load_model
 from engine import Engine, Request
 
 
@@ -12,7 +12,7 @@ def bench_engine(ckpt_path: str, rows: int = 32, new_tokens: int = 256) -> list[
     """The chat workload (prompts/chat.txt: 256 questions, lists and stories, whose answers stop at very
     different lengths), greedy, through 32 rows: continuous against static batching, one after the other.
     Latency counts from the start of the run, when every request is waiting."""
-    model, tok = model_from_checkpoint(load_checkpoint(ckpt_path))
+    model, tok = load_model(ckpt_path)  # as the server runs it: the GGUF's int4 blocks, the fused step
     texts = CHAT_PROMPTS.read_text().splitlines()
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": t}])) for t in texts]
     tokens, out = {}, []

@@ -114,6 +114,7 @@ def bench_serve(ckpt_path: str, threads: int, levels: list[int], requests: int =
             bodies = [b | {"model": model} for b in bodies]
             asyncio.run(load_test(f"{base}/v1/chat/completions", bodies[:2], 1))  # warm-up
             for clients in levels:
+                before = engine_time(base) if name.startswith("ours") else None
                 run = asyncio.run(load_test(f"{base}/v1/chat/completions", bodies, clients))
                 done = run["requests"]
                 ttft = [d["stamps"][0] - d["start"] for d in done if d["stamps"]] or [float("nan")]
@@ -125,11 +126,34 @@ def bench_serve(ckpt_path: str, threads: int, levels: list[int], requests: int =
                        "tok_s": tokens / run["wall_s"], "completion_tokens": tokens,
                        "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
                        "itl_p50_ms": 1e3 * percentile(itl, 0.5), "itl_p99_ms": 1e3 * percentile(itl, 0.99)}
+                if before is not None and clients == 1:
+                    row |= http_cost(before, engine_time(base), done)
                 out.append(row)
                 print(f"serve {name:30} {clients:3} clients: {row['req_s']:5.2f} req/s {row['tok_s']:6.1f} tok/s, "
                       f"TTFT p50 {row['ttft_p50_s']:.2f} p99 {row['ttft_p99_s']:.2f} s, ITL p50 "
                       f"{row['itl_p50_ms']:.0f} p99 {row['itl_p99_ms']:.0f} ms, {row['errors']} errors")
     return out
+
+
+def engine_time(base: str) -> dict:
+    """Our server's own count of its engine's decode passes and the seconds they took (GET /health)."""
+    import httpx
+
+    health = httpx.get(f"{base}/health").json()
+    return {"steps": health["decode_steps"], "seconds": health["decode_s"]}
+
+
+def http_cost(before: dict, after: dict, done: list[dict]) -> dict:
+    """At one client, each answer's first piece to its last spans its decode passes and whatever else the
+    server does between them (HTTP, the event loop, the client on the same cores): the share of that span not
+    spent in the engine's passes is what serving costs on top of the engine."""
+    engine_s = after["seconds"] - before["seconds"]
+    span_s = sum(d["stamps"][-1] - d["stamps"][0] for d in done if len(d["stamps"]) > 1)
+    steps = after["steps"] - before["steps"]
+    cost = {"engine_step_ms": 1e3 * engine_s / max(1, steps), "http_share": 1 - engine_s / span_s}
+    print(f"serve: one client: the engine's pass {cost['engine_step_ms']:.2f} ms; serving costs "
+          f"{100 * cost['http_share']:.1f}% of the time between tokens")
+    return cost
 
 
 def run(args) -> list[dict]:

@@ -81,6 +81,7 @@ TRN = "train.py"
 INF = "inference.py"
 CNV = "convert.py"
 TOK = "tokenizer.py"
+SRV = "serve.py"
 TRAIN_SMALL = ["--tokenizer", "{ws}/tok.json", "--vocab-size", "512", "--n-layer", "1", "--d-model", "64",
                "--n-head", "4", "--n-kv-head", "2", "--ffn-hidden", "128", "--max-seq-len", "64",
                "--out-dir", "{ws}/new", "--data-dir", "{ws}/data", "--max-steps", "3", "--peak-flops", "1e12",
@@ -126,6 +127,10 @@ CASES = [
     ("unknown training device", TRN, ["--device", "gpu0"], 2, "unknown --device 'gpu0'"),
     ("a GPU that is not there", TRN, ["--device", "cuda:99"], 2, "--device cuda:99 but"),
     ("unknown inference dtype", INF, ["--checkpoint", "{ws}/good", "--dtype", "int3"], 2, "invalid choice"),
+    ("int8 KV cache off the fused step", INF, ["--checkpoint", "{ws}/relu2.ckpt", "--kv-cache-dtype", "int8"], 1,
+     "an int8 KV cache runs in the fused step only"),
+    ("int8 KV cache off the fused step, served", SRV, ["--checkpoint", "{ws}/relu2.ckpt", "--kv-cache-dtype", "int8"],
+     1, "an int8 KV cache runs in the fused step only"),
     ("negative prefix cache", INF, ["--checkpoint", "{ws}/good", "--prefix-cache-mb", "-1"], 2, "must be >= 0"),
     ("missing prompts file", INF, ["--checkpoint", "{ws}/good", "--prompts-file", "{ws}/none.txt"], 1,
      "prompts file not found"),

@@ -24,11 +24,12 @@ def rms(x, weight, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-def reference_forward(m: GPT, idx: torch.Tensor) -> torch.Tensor:
+def reference_forward(m: GPT, idx: torch.Tensor, kv=None) -> torch.Tensor:
     """Logits by the textbook: QK-norm as Qwen3 (an RMSNorm over each head's q and k, before RoPE); value
     residuals as ResFormer (v_l <- v_l + lambda_l (v_1 - v_l)); U-net skips as modded-nanogpt (layer n-1-i adds
     w_i times layer i's output before it runs); the ReLU² MLP of Primer; Gemma 2's soft-cap cap * tanh(z / cap).
-    Attention written out with K/V repeated per query head, as in test_model.slow_attention."""
+    Attention written out with K/V repeated per query head, as in test_model.slow_attention. kv: a function applied
+    to K (after RoPE) and V (as a cache would store them)."""
     cfg, (B, T) = m.config, idx.shape
     H, Hkv, D, eps, n = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.norm_eps, cfg.n_layer
     cos, sin = m.rope_cos[:T], m.rope_sin[:T]
@@ -47,6 +48,8 @@ def reference_forward(m: GPT, idx: torch.Tensor) -> torch.Tensor:
         if cfg.value_residual:
             v1, v = (v, v) if i == 0 else (v1, v + a.value_mix * (v1 - v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            k, v = kv(k), kv(v)
         k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
         scores = (q @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(causal, float("-inf"))
         x = x + (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1) @ a.o_proj.weight.T

@@ -23,15 +23,18 @@ def shared_prefix_prompts(n: int, prefix_len: int = 100) -> list[list[int]]:
     return [system + torch.randint(2, 512, (3 + 2 * i,), generator=g).tolist() for i in range(n)]
 
 
-@pytest.mark.parametrize("step", ["eager", "fused", "compiled"])
+@pytest.mark.parametrize("step", ["eager", "fused", "compiled", "fused-int8"])
 def test_reused_blocks_give_the_ids_of_a_run_without_them(model, step):
     """Six prompts behind one 100-token prefix, on 2 rows: greedy ids equal the run with the cache off. The
     first two start together and compute the prefix; the other four reuse its 6 full blocks (96 tokens) and
-    compute only the rest, which the stats and the prefill count say."""
+    compute only the rest, which the stats and the prefill count say. With an 8-bit KV cache too: a block's
+    slots carry their scales."""
     prompts = shared_prefix_prompts(6)
     ids, engines = {}, {}
+    step, _, kv_dtype = step.partition("-")
     for mb in (0, 64):
-        engines[mb] = Engine(model, rows=2, max_len=160, step=step, prefix_cache_mb=mb)
+        engines[mb] = Engine(model, rows=2, max_len=160, step=step, prefix_cache_mb=mb,
+                             kv_cache_dtype=kv_dtype or "auto")
         requests = [Request(p, 12) for p in prompts]
         for _ in engines[mb].run(requests):
             pass

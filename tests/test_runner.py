@@ -1,8 +1,9 @@
-"""runner.py: the compiled decode step against the eager one on the same cache, and one compiled step per model."""
+"""runner.py: the compiled decode step against the eager one on the same cache, one compiled step per model, the
+sampling rule of a draft token, and the 8-bit KV cache against its formula."""
 import pytest
 import torch
 
-from model import GPT
+from model import GPT, apply_rope
 from runner import allocate_kv_cache, compile_decode_step
 from tests.test_layers import small_config
 from tests.test_model import prefill
@@ -83,3 +84,59 @@ def test_a_sampled_draft_token_is_kept_with_its_probability_else_the_rest_is_sam
     best = logits.argmax(-1).tolist()
     assert runner.accept(greedy, [best[0], best[1]], logits) == best
     assert runner.accept(greedy, [best[0], best[1] + 1], logits) == best[:2]
+
+
+def quantized_slots(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8-bit cache's rule, written in torch: per slot of head_dim values, scale = max |x| / 127 and
+    q = round(x / scale)."""
+    scale = x.abs().amax(-1, keepdim=True) / 127
+    return torch.where(scale > 0, torch.round(x / scale), 0), scale
+
+
+def test_an_int8_kv_cache_stores_rounded_slots_and_attends_over_them(machine):
+    """An 8-bit KV cache (fused step), with each instruction set's loops pinned in turn, on a ragged pass (prompt
+    chunks beside decode tokens). Layer 0's slots hold K (after RoPE) and V rounded by the rule above (its inputs
+    are the embeddings, so the same as fp32's to rounding), and the logits are the textbook forward's with K and V
+    put through that rule (test_levers.reference_forward), far closer to it than to the exact forward."""
+    from layers import kernel_isas
+    from runner import ModelRunner
+    from scheduler import Batch
+    from tests.test_levers import reference_forward
+
+    torch.manual_seed(0)
+    model = GPT(small_config(vocab_size=128, d_model=64, n_layer=3, init_std=0.2, tie_embeddings=False)).eval()
+    cfg = model.config
+    prompts = [torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 7, 5)]
+    first = Batch(chunks=[(0, 0, prompts[0]), (2, 0, prompts[2])], decode=[], sampled=[], span=3, length=5)
+    second = Batch(chunks=[(1, 0, prompts[1])], decode=[(9, 3), (0, 0), (4, 5)], sampled=[0, 2], span=3, length=7)
+    rows = [prompts[0] + [9], prompts[1], prompts[2] + [4]]  # each row's tokens after both passes
+
+    def fake_quantized(x):
+        q, scale = quantized_slots(x)
+        return q * scale
+
+    with torch.no_grad():
+        exact = [reference_forward(model, torch.tensor([r]))[0] for r in rows]
+        want = [reference_forward(model, torch.tensor([r]), kv=fake_quantized)[0] for r in rows]
+        k0 = model.layers[0].self_attn.k_proj.weight
+        for isa in [isa for isa in kernel_isas() if "vnni" not in isa and "int16" not in isa]:  # fp32 weights
+            machine.pin(f"quant_kernel={isa}")
+            runner = ModelRunner(model, rows=3, max_len=16, step="fused", kv_cache_dtype="int8")
+            k_cache = runner.kv_cache[0][0]
+            assert k_cache.dtype == torch.int8 and k_cache.shape == (3, cfg.n_kv_head, 16, cfg.head_dim + 4)
+            runner.forward(first, [None] * 3)
+            out = runner.forward(second, [None] * 3)
+            got = {0: out.decode[0], 1: out.chunks[0], 2: out.decode[1]}
+            for r, tokens in enumerate(rows):
+                last = len(tokens) - 1
+                assert (got[r] - want[r][last]).abs().max() <= 2e-3 * want[r][last].abs().max(), (isa, r)
+                assert (got[r] - want[r][last]).abs().max() * 10 < (exact[r][last] - want[r][last]).abs().max()
+                # layer 0's K: the embeddings through the norm, k_proj and RoPE, rounded
+                h = model.layers[0].input_layernorm(model.embed_tokens.weight[tokens])
+                k = (h @ k0.T).view(len(tokens), cfg.n_kv_head, cfg.head_dim).transpose(0, 1)
+                k = apply_rope(k, model.rope_cos[:len(tokens)], model.rope_sin[:len(tokens)])
+                q, scale = quantized_slots(k)
+                slots = k_cache[r, :, :len(tokens)]
+                assert torch.allclose(slots[..., -4:].contiguous().view(torch.float32), scale, rtol=1e-5, atol=0)
+                assert (slots[..., :-4].float() - q).abs().max() <= 1  # a value on a .5 boundary may round apart
+                assert (slots[..., :-4].float() == q).float().mean() > 0.99

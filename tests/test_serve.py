@@ -319,6 +319,9 @@ def test_a_quantized_compiled_server_equals_inference_py(checkpoint, tmp_path):
         health = httpx.get(f"{url}/health").json()
         assert health["step"] == "compiled" and health["machine"]["choices"]["dense_min_rows"] == 8
         assert health["finished"] == {"length": 4}
+        # each answer's first token comes from its prompt's pass, the other 15 from decode passes
+        assert health["decoded_row_steps"] == 4 * 15 and 15 <= health["decode_steps"] <= 60
+        assert health["decode_s"] > 0
     finally:
         proc.terminate()
         proc.wait(timeout=30)
