@@ -40,6 +40,16 @@ inline void store_q8(const float* x, int64_t hd, int8_t* slot) {
     std::memcpy(slot + hd, &scale, sizeof scale);
 }
 
+// A slot's head_dim values as floats: an fp32 cache's own, or an 8-bit one's dequantized into `buffer`.
+inline const float* slot_values(const float* cache, int64_t s, int64_t hd, float*) { return cache + s * hd; }
+
+inline const float* slot_values(const int8_t* cache, int64_t s, int64_t hd, float* buffer) {
+    const int8_t* slot = cache + s * (hd + 4);
+    const float scale = slot_scale(slot, hd);
+    for (int64_t j = 0; j < hd; ++j) buffer[j] = scale * float(slot[j]);
+    return buffer;
+}
+
 // --- the elementwise and attention loops, per instruction set ------------------------------------------------
 // Dot products keep 16 partial sums, so that the compiler vectorises them for the target (a float sum in one
 // accumulator may not be reordered).
@@ -74,47 +84,58 @@ inline void store_q8(const float* x, int64_t hd, int8_t* slot) {
             }                                                                                                  \
         }                                                                                                      \
     }                                                                                                          \
-    /* one query head over slots 0..last of one row: softmax(q.k / sqrt(hd)) @ v, in fp32 */                   \
-    TARGET void attend_##NAME(const float* q, const float* k, const float* v, int64_t last, int64_t hd,        \
+    /* e^(x[s] - top) in place, and their sum: Cephes' expf polynomial (within 2 ulp) in plain arithmetic, which   \
+       vectorises (a call to std::exp per value does not, and a row of 1,000 slots has 1,000 of them per head) */  \
+    TARGET float exp_shifted_##NAME(float* x, int64_t n, float top) {                                          \
+        float acc[16] = {0};                                                                                   \
+        int64_t s = 0;                                                                                         \
+        for (; s < n; ++s) {                                                                                   \
+            const float y = std::max(x[s] - top, -87.f);                                                       \
+            const float k = (y * 1.44269504f + 12582912.f) - 12582912.f; /* round to nearest */                \
+            const float r = y - k * 0.693359375f + k * 2.12194440e-4f;                                         \
+            float p = 1.9875691500e-4f;                                                                        \
+            p = p * r + 1.3981999507e-3f;                                                                      \
+            p = p * r + 8.3334519073e-3f;                                                                      \
+            p = p * r + 4.1665795894e-2f;                                                                      \
+            p = p * r + 1.6666665459e-1f;                                                                      \
+            p = p * r + 5.0000001201e-1f;                                                                      \
+            p = p * r * r + r + 1.f;                                                                           \
+            const int32_t bits = (int32_t(k) + 127) << 23;                                                     \
+            float two_k;                                                                                       \
+            std::memcpy(&two_k, &bits, sizeof two_k);                                                          \
+            x[s] = p * two_k;                                                                                  \
+        }                                                                                                      \
+        for (s = 0; s + 16 <= n; s += 16)                                                                      \
+            for (int t = 0; t < 16; ++t) acc[t] += x[s + t];                                                   \
+        float total = 0.f;                                                                                     \
+        for (; s < n; ++s) total += x[s];                                                                      \
+        for (int t = 0; t < 16; ++t) total += acc[t];                                                          \
+        return total;                                                                                          \
+    }                                                                                                          \
+    /* `heads` query heads (q: heads x hd) that share one kv head, over its slots 0..last of one row:          \
+       softmax(q.k / sqrt(hd)) @ v in fp32. Each slot is read once for all of them; scores: heads x (last+1) */ \
+    template <typename T>                                                                                      \
+    TARGET void attend_##NAME(const float* q, int64_t heads, const T* k, const T* v, int64_t last, int64_t hd,  \
                               float* scores, float* out) {                                                     \
         const float scale = 1.f / std::sqrt(float(hd));                                                        \
-        float top = -INFINITY;                                                                                 \
-        for (int64_t s = 0; s <= last; ++s) {                                                                  \
-            scores[s] = dot_##NAME(q, k + s * hd, hd) * scale;                                                 \
-            top = std::max(top, scores[s]);                                                                    \
+        const int64_t n = last + 1;                                                                            \
+        float buffer[512], top[64], total[64];                                                                 \
+        for (int64_t h = 0; h < heads; ++h) top[h] = -INFINITY;                                                \
+        for (int64_t s = 0; s < n; ++s) {                                                                      \
+            const float* ks = slot_values(k, s, hd, buffer);                                                   \
+            for (int64_t h = 0; h < heads; ++h) {                                                              \
+                const float score = scores[h * n + s] = dot_##NAME(q + h * hd, ks, hd) * scale;                \
+                top[h] = std::max(top[h], score);                                                              \
+            }                                                                                                  \
         }                                                                                                      \
-        float total = 0.f;                                                                                     \
-        for (int64_t s = 0; s <= last; ++s) total += scores[s] = std::exp(scores[s] - top);                    \
-        for (int64_t j = 0; j < hd; ++j) out[j] = 0.f;                                                         \
-        for (int64_t s = 0; s <= last; ++s) {                                                                  \
-            const float p = scores[s] / total;                                                                 \
-            for (int64_t j = 0; j < hd; ++j) out[j] += p * v[s * hd + j];                                      \
-        }                                                                                                      \
-    }                                                                                                          \
-    /* the same over an 8-bit cache: a slot is hd int8 values, then their fp32 scale (x = scale * q) */        \
-    TARGET void attend_q8_##NAME(const float* q, const int8_t* k, const int8_t* v, int64_t last, int64_t hd,   \
-                                 float* scores, float* out) {                                                  \
-        const float scale = 1.f / std::sqrt(float(hd));                                                        \
-        const int64_t stride = hd + 4;                                                                         \
-        float top = -INFINITY;                                                                                 \
-        for (int64_t s = 0; s <= last; ++s) {                                                                  \
-            const int8_t* ks = k + s * stride;                                                                 \
-            float acc[16] = {0}, sum = 0.f;                                                                    \
-            int64_t j = 0;                                                                                     \
-            for (; j + 16 <= hd; j += 16)                                                                      \
-                for (int t = 0; t < 16; ++t) acc[t] += q[j + t] * float(ks[j + t]);                            \
-            for (; j < hd; ++j) sum += q[j] * float(ks[j]);                                                    \
-            for (int t = 0; t < 16; ++t) sum += acc[t];                                                        \
-            scores[s] = sum * slot_scale(ks, hd) * scale;                                                      \
-            top = std::max(top, scores[s]);                                                                    \
-        }                                                                                                      \
-        float total = 0.f;                                                                                     \
-        for (int64_t s = 0; s <= last; ++s) total += scores[s] = std::exp(scores[s] - top);                    \
-        for (int64_t j = 0; j < hd; ++j) out[j] = 0.f;                                                         \
-        for (int64_t s = 0; s <= last; ++s) {                                                                  \
-            const int8_t* vs = v + s * stride;                                                                 \
-            const float p = scores[s] / total * slot_scale(vs, hd);                                            \
-            for (int64_t j = 0; j < hd; ++j) out[j] += p * float(vs[j]);                                      \
+        for (int64_t h = 0; h < heads; ++h) total[h] = exp_shifted_##NAME(scores + h * n, n, top[h]);           \
+        for (int64_t j = 0; j < heads * hd; ++j) out[j] = 0.f;                                                 \
+        for (int64_t s = 0; s < n; ++s) {                                                                      \
+            const float* vs = slot_values(v, s, hd, buffer);                                                   \
+            for (int64_t h = 0; h < heads; ++h) {                                                              \
+                const float p = scores[h * n + s] / total[h];                                                  \
+                for (int64_t j = 0; j < hd; ++j) out[h * hd + j] += p * vs[j];                                 \
+            }                                                                                                  \
         }                                                                                                      \
     }                                                                                                          \
     /* y[r, j] = silu(gu[r, j]) * gu[r, f + j] */                                                              \
@@ -133,16 +154,17 @@ SLM_LOOPS(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c
 struct Loops {
     void (*rmsnorm)(const float*, const float*, float*, int64_t, int64_t, float);
     void (*rope)(float*, int64_t, int64_t, const float*, const float*);
-    void (*attend)(const float*, const float*, const float*, int64_t, int64_t, float*, float*);
-    void (*attend_q8)(const float*, const int8_t*, const int8_t*, int64_t, int64_t, float*, float*);
+    void (*attend)(const float*, int64_t, const float*, const float*, int64_t, int64_t, float*, float*);
+    void (*attend_q8)(const float*, int64_t, const int8_t*, const int8_t*, int64_t, int64_t, float*, float*);
     void (*swiglu)(const float*, float*, int64_t, int64_t);
 };
 
 Loops loops_for(Isa isa) {
     if (family(isa) == Family::avx512)
-        return {rmsnorm_avx512, rope_avx512, attend_avx512, attend_q8_avx512, swiglu_avx512};
-    if (family(isa) == Family::plain) return {rmsnorm_plain, rope_plain, attend_plain, attend_q8_plain, swiglu_plain};
-    return {rmsnorm_avx2, rope_avx2, attend_avx2, attend_q8_avx2, swiglu_avx2};
+        return {rmsnorm_avx512, rope_avx512, attend_avx512<float>, attend_avx512<int8_t>, swiglu_avx512};
+    if (family(isa) == Family::plain)
+        return {rmsnorm_plain, rope_plain, attend_plain<float>, attend_plain<int8_t>, swiglu_plain};
+    return {rmsnorm_avx2, rope_avx2, attend_avx2<float>, attend_avx2<int8_t>, swiglu_avx2};
 }
 
 // --- linear layers --------------------------------------------------------------------------------------------
@@ -217,6 +239,7 @@ class Model {
         : H(n_head), Hkv(n_kv_head), hd(head_dim), eps(float(eps)), cos(std::move(rope_cos)),
           sin(std::move(rope_sin)), embed(embed), norm(std::move(norm)), head(head) {
         TORCH_CHECK(hd % 2 == 0 && hd / 2 <= 256, "head_dim must be even and at most 512");
+        TORCH_CHECK(H % Hkv == 0 && H / Hkv <= 64, "at most 64 query heads may share a kv head");
         for (size_t l = 0; l < norms.size(); ++l) {
             const auto& p = projections[l];
             layers.push_back({norms[l][0], norms[l][1], Projections(p.at(0)), Projections(p.at(1)),
@@ -257,7 +280,7 @@ class Model {
 #pragma omp parallel num_threads(threads)
         {
             const int t = omp_get_thread_num(), team = omp_get_num_threads();
-            std::vector<float> tile(4 * widest), scores(S);
+            std::vector<float> tile(4 * widest), scores(group * S);
             auto part = [&](int64_t n, int64_t align) {  // this thread's share of [0, n), in multiples of align
                 const int64_t per = ((n + align - 1) / align + team - 1) / team * align;
                 return std::pair<int64_t, int64_t>(std::min(n, t * per), std::min(n, (t + 1) * per));
@@ -301,15 +324,19 @@ class Model {
                     }
                 }
 #pragma omp barrier
-                const auto [w0, w1] = part(N * H, 1);  // (token, head) pairs
+                // Work items: a token's query heads that share a kv head (its slots read once for all), or, where
+                // that leaves a thread idle (a few tokens), one query head each.
+                const int64_t heads = N * Hkv >= 2 * team ? group : 1;
+                const auto [w0, w1] = part(N * H / heads, 1);
                 for (int64_t w = w0; w < w1; ++w) {
-                    const int64_t i = w / H, q_head = w % H, base = (row[i] * Hkv + q_head / group) * S * stride;
+                    const int64_t i = w / (H / heads), q_head = w % (H / heads) * heads;
+                    const int64_t base = (row[i] * Hkv + q_head / group) * S * stride;
                     const float* q = qkv.data() + i * width + q_head * hd;
                     float* y = attn.data() + i * H * hd + q_head * hd;
                     if (q8)
-                        loop.attend_q8(q, kq + base, vq + base, pos[i], hd, scores.data(), y);
+                        loop.attend_q8(q, heads, kq + base, vq + base, pos[i], hd, scores.data(), y);
                     else
-                        loop.attend(q, kc + base, vc + base, pos[i], hd, scores.data(), y);
+                        loop.attend(q, heads, kc + base, vc + base, pos[i], hd, scores.data(), y);
                 }
 #pragma omp barrier
                 project(layer.o, attn.data(), N, tmp.data());

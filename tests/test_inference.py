@@ -42,7 +42,7 @@ def gen_args(**kw):
     base = dict(max_new_tokens=24, temperature=0.0, top_k=None, top_p=1.0, batch_size=8, ignore_eos=True,
                 no_kv_cache=False, step="auto", seed=0, num_procs=1, device="cpu", dtype="fp32",
                 checkpoint=None, batching="continuous", stop=[], quantize=None, machine="", speculate="none",
-                draft_tokens=5, prefix_cache_mb=0)
+                draft_tokens=5, prefix_cache_mb=0, kv_cache_dtype="auto")
     return argparse.Namespace(**{**base, **kw})
 
 
