@@ -221,19 +221,20 @@ bool cpu_has(Isa isa) {
         case Isa::avx2: case Isa::avx2_int16: return avx2;
         case Isa::avx512: return avx512;
         case Isa::avx_vnni: return avx2 && __builtin_cpu_supports("avxvnni");
-        case Isa::avx512_vnni: return avx512 && __builtin_cpu_supports("avx512vnni");
+        case Isa::avx512_vnni: case Isa::avx512_int8: return avx512 && __builtin_cpu_supports("avx512vnni");
         default: return true;
     }
 }
 
-const char* NAMES[] = {"plain", "avx2", "avx512", "avx2-int16", "avx-vnni", "avx512-vnni"};
-const Isa BEST_FIRST[] = {Isa::avx512, Isa::avx2, Isa::avx512_vnni, Isa::avx_vnni, Isa::avx2_int16, Isa::plain};
+const char* NAMES[] = {"plain", "avx2", "avx512", "avx2-int16", "avx-vnni", "avx512-vnni", "plain-int8", "avx512-int8"};
+const Isa BEST_FIRST[] = {Isa::avx512, Isa::avx2, Isa::avx512_vnni, Isa::avx_vnni, Isa::avx2_int16,
+                          Isa::avx512_int8, Isa::plain_int8, Isa::plain};
 
 }  // namespace
 
 Family family(Isa isa) {
-    if (isa == Isa::avx512 || isa == Isa::avx512_vnni) return Family::avx512;
-    return isa == Isa::plain ? Family::plain : Family::avx2;
+    if (isa == Isa::avx512 || isa == Isa::avx512_vnni || isa == Isa::avx512_int8) return Family::avx512;
+    return isa == Isa::plain || isa == Isa::plain_int8 ? Family::plain : Family::avx2;
 }
 
 std::vector<std::string> isas() {
@@ -268,6 +269,12 @@ void matmul_slice(const Weights& W, const float* x, int64_t M, float* y, int64_t
                 for (int64_t i = 0; i < M * W.K; ++i) xsum[i / 32] += x[i];
                 return q4_rows_plain(x, xsum.data(), M, W.K, W.qs, W.d, W.m, y, ldy, n0, n1);
             }
+        case Isa::avx512_int8:  // fp32 weights run the exact tiles
+            if (W.w != nullptr) return slice_avx512(W, x, M, y, ldy, n0, n1, tile);
+            return int8_slice(W, x, M, y, ldy, n0, n1, isa);
+        case Isa::plain_int8:
+            if (W.w != nullptr) return f32_rows_plain(x, M, W.K, W.w, y, ldy, n0, n1);
+            return int8_slice(W, x, M, y, ldy, n0, n1, Isa::plain);
         default:
             TORCH_CHECK(W.w == nullptr, "the int16 kernels take quantized weights only");
             return int16_slice(W, x, M, y, ldy, n0, n1, isa);

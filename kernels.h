@@ -10,8 +10,9 @@
 namespace slm {
 
 // The kernels' instruction sets. avx512, avx2 and plain compute in fp32 (exact: the dequantized weights);
-// the int16 ones (kernels_int16.cpp) round activations to 16 bits. Which runs is always the caller's choice.
-enum class Isa { plain, avx2, avx512, avx2_int16, avx_vnni, avx512_vnni };
+// the int16 ones (kernels_int16.cpp) round activations to 16 bits, the int8 ones (kernels_int8.cpp) to 8 bits.
+// Which runs is always the caller's choice.
+enum class Isa { plain, avx2, avx512, avx2_int16, avx_vnni, avx512_vnni, plain_int8, avx512_int8 };
 enum class Family { plain, avx2, avx512 };  // the vector width the other loops (step.cpp) use with it
 
 std::vector<std::string> isas();           // this CPU's, best first ("plain" last: it runs anywhere)
@@ -24,13 +25,25 @@ Family family(Isa isa);
 //   q8   q [N, K] int8, s [N, groups] (groups 1 or K/32): w = s * q
 // The scales d, m and s are fp16, as GGUF stores them (half of what fp32 scales would add to each weight's bytes).
 using half = uint16_t;
+struct Panels;
 struct Weights {
     const float* w = nullptr;
     const uint8_t* qs = nullptr;
     const int8_t* q = nullptr;
     const half *d = nullptr, *m = nullptr, *s = nullptr;
     int64_t groups = 0, N = 0, K = 0;
+    const Panels* panels = nullptr;  // the int8 kernels' repacked copy, where the caller made one (pack_panels)
 };
+
+// Quantized weights repacked for the int8 kernels, 16 outputs a panel, made once by the fused step; per panel
+// and group of 32: `words` 32-bit words per output lane (4 for q4's nibbles, 8 for int8), and a scale and an
+// offset per lane.
+struct Panels {
+    std::vector<int32_t> w;
+    std::vector<float> scale, offset;
+    int64_t words = 0;
+};
+Panels pack_panels(const Weights& W);
 
 // fp16 to fp32, exactly, on any CPU (the SIMD paths use F16C's instructions instead).
 inline float to_float(half h) {
@@ -54,5 +67,7 @@ void matmul_slice(const Weights& W, const float* x, int64_t M, float* y, int64_t
 void matmul(const Weights& W, const float* x, int64_t M, float* y, int64_t ldy, Isa isa);
 // The int16 kernels' slice (kernels_int16.cpp): quantized weights only.
 void int16_slice(const Weights& W, const float* x, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1, Isa isa);
+// The int8 kernels' slice (kernels_int8.cpp): quantized weights only.
+void int8_slice(const Weights& W, const float* x, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1, Isa isa);
 
 }  // namespace slm

@@ -89,7 +89,8 @@ def quant_ops():
     root = Path(__file__).resolve().parent
     if not any(build.glob("*.so")):
         print("building kernels.cpp and step.cpp for this machine (once, about a minute)...", file=sys.stderr)
-    module = load(name="slm_kernels", sources=[str(root / n) for n in ("kernels.cpp", "kernels_int16.cpp", "step.cpp")],
+    module = load(name="slm_kernels", sources=[str(root / n) for n in ("kernels.cpp", "kernels_int16.cpp",
+                                                                    "kernels_int8.cpp", "step.cpp")],
                   build_directory=str(build), extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
                   extra_include_paths=[str(root)], verbose=False)
     # output shapes, for torch.compile
@@ -140,7 +141,7 @@ def kernel_isas() -> list[str]:
     """The instruction sets of kernels.cpp this CPU can run, best first, capped where ATen's own kernels are
     (ATEN_CPU_CAPABILITY=avx2 or default), so that a machine capped to emulate a smaller one runs its kernels."""
     cap = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
-    allowed = {"avx2": ("avx2", "avx2-int16", "plain"), "default": ("plain",)}.get(cap)
+    allowed = {"avx2": ("avx2", "avx2-int16", "plain-int8", "plain"), "default": ("plain-int8", "plain")}.get(cap)
     return [isa for isa in quant_ops().isas() if allowed is None or isa in allowed]
 
 

@@ -118,8 +118,11 @@ def test_the_kernels_offer_every_instruction_set_this_cpu_has(monkeypatch):
     assert isas[-1] == "plain" and ("avx2" in isas) == ("avx2-int16" in isas) == avx2
     assert ("avx-vnni" in isas) == (avx2 and "avx_vnni" in flags)
     assert ("avx512" in isas) == avx512 and ("avx512-vnni" in isas) == (avx512 and "avx512_vnni" in flags)
-    assert isas == sorted(isas, key=["avx512", "avx2", "avx512-vnni", "avx-vnni", "avx2-int16", "plain"].index)
-    for cap, allowed in (("avx2", {"avx2", "avx2-int16", "plain"}), ("default", {"plain"}), ("avx512", set(isas))):
+    assert ("avx512-int8" in isas) == ("avx512-vnni" in isas) and "plain-int8" in isas
+    assert isas == sorted(isas, key=["avx512", "avx2", "avx512-vnni", "avx-vnni", "avx2-int16", "avx512-int8",
+                                     "plain-int8", "plain"].index)
+    for cap, allowed in (("avx2", {"avx2", "avx2-int16", "plain-int8", "plain"}), ("default", {"plain-int8", "plain"}),
+                         ("avx512", set(isas))):
         monkeypatch.setenv("ATEN_CPU_CAPABILITY", cap)
         assert layers.kernel_isas() == [i for i in isas if i in allowed]
 
@@ -140,8 +143,44 @@ def test_quantized_kernels_match_the_dequantized_weights(layout, rows):
     want = reference(x, layer)
     args = (layer.qs, layer.d, layer.m) if layer.fmt == "q4" else (layer.q, layer.s)
     for isa in layers.quant_ops().isas():  # every one, even above an ATEN_CPU_CAPABILITY cap
+        if isa.endswith("int8"):  # against their own rounding, below
+            continue
         got = getattr(torch.ops.slm, f"{layer.fmt}_linear")(x, *args, isa)
         assert (got.double() - want).abs().max() <= TOLERANCE[isa] * want.abs().max(), (isa, layout)
+
+
+def int8_reference(x: torch.Tensor, layer: layers.QuantLinear) -> torch.Tensor:
+    """The int8 kernels' arithmetic, in float64: each group of 32 activations rounded to s * round(x / s) with
+    s = max |x| / 127 (ties to even); q4 weights' offsets m times the group's exact sum of x."""
+    groups = x.double().view(x.size(0), -1, 32)
+    s = groups.abs().amax(-1, keepdim=True) / 127
+    rounded = (torch.round(groups / torch.where(s > 0, s, 1)) * s).flatten(1)
+    if layer.fmt == "q8":
+        return F.linear(rounded, layer.dequantize().double())
+    N, K = layer.out_features, layer.in_features
+    q = torch.cat([layer.qs.view(N, K // 32, 16) & 15, layer.qs.view(N, K // 32, 16) >> 4], -1).double()
+    scaled = (q * layer.d.double()[..., None]).flatten(1)
+    return F.linear(rounded, scaled) + groups.sum(-1) @ layer.m.double().T
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("rows", [1, 5, 13])
+def test_int8_kernels_round_activations_to_8_bits_per_group(layout, rows):
+    """The int8 kernels (vpdpbusd, and the plain loops that any CPU runs) equal their own arithmetic written in
+    torch (8-bit activations per group of 32, as llama.cpp's Q8_1), over outputs that leave part of a 16-lane
+    panel and rows that take each row block (8, 4, 1); and the rounding is really there: the exact product is 10x
+    further away."""
+    g = torch.Generator().manual_seed(rows)
+    layer = LAYOUTS[layout](torch.randn(200, 96, generator=g))
+    x = torch.randn(rows, 96, generator=g)
+    want, exact = int8_reference(x, layer), reference(x, layer)
+    args = (layer.qs, layer.d, layer.m) if layer.fmt == "q4" else (layer.q, layer.s)
+    kernels = [isa for isa in layers.quant_ops().isas() if isa.endswith("int8")]
+    assert "plain-int8" in kernels
+    for isa in kernels:
+        got = getattr(torch.ops.slm, f"{layer.fmt}_linear")(x, *args, isa).double()
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (isa, layout)
+        assert (got - want).abs().max() * 10 < (got - exact).abs().max(), (isa, layout)
 
 
 def test_a_layer_runs_the_pinned_kernel(machine, monkeypatch):
