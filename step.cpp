@@ -13,6 +13,7 @@
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <omp.h>
 #include <pybind11/stl.h>
 
@@ -51,19 +52,28 @@ inline const float* slot_values(const int8_t* cache, int64_t s, int64_t hd, floa
     return buffer;
 }
 
+// A slot's stored values and the factor they take: an fp32 cache's own (1), an 8-bit one's and its scale.
+inline const float* slot_raw(const float* cache, int64_t s, int64_t hd) { return cache + s * hd; }
+inline const int8_t* slot_raw(const int8_t* cache, int64_t s, int64_t hd) { return cache + s * (hd + 4); }
+inline float slot_factor(const float*, int64_t, int64_t) { return 1.f; }
+inline float slot_factor(const int8_t* cache, int64_t s, int64_t hd) { return slot_scale(cache + s * (hd + 4), hd); }
+
+// Vectors of floats and bytes that the compiler lowers to each target's registers (one zmm, two ymm, ...).
+typedef float vec16 __attribute__((vector_size(64)));
+typedef float vec8 __attribute__((vector_size(32)));
+typedef float vec4 __attribute__((vector_size(16)));
+
 // --- the elementwise and attention loops, per instruction set ------------------------------------------------
 // Dot products keep 16 partial sums, so that the compiler vectorises them for the target (a float sum in one
 // accumulator may not be reordered).
-#define SLM_LOOPS(NAME, TARGET)                                                                                \
+#define SLM_LOOPS(NAME, TARGET, HSUM, WIDEN)                                                                          \
     TARGET inline float dot_##NAME(const float* a, const float* b, int64_t n) {                                \
         float acc[16] = {0};                                                                                   \
         int64_t j = 0;                                                                                         \
         for (; j + 16 <= n; j += 16)                                                                           \
             for (int t = 0; t < 16; ++t) acc[t] += a[j + t] * b[j + t];                                        \
-        float sum = 0.f;                                                                                       \
-        for (; j < n; ++j) sum += a[j] * b[j];                                                                 \
-        for (int t = 0; t < 16; ++t) sum += acc[t];                                                            \
-        return sum;                                                                                            \
+        for (; j < n; ++j) acc[j % 16] += a[j] * b[j];                                                         \
+        return HSUM(acc);                                                                                      \
     }                                                                                                          \
     /* y[i] = x[i] / rms(x[i]) * w, row by row */                                                              \
     TARGET void rmsnorm_##NAME(const float* x, const float* w, float* y, int64_t rows, int64_t n, float eps) { \
@@ -85,33 +95,63 @@ inline const float* slot_values(const int8_t* cache, int64_t s, int64_t hd, floa
             }                                                                                                  \
         }                                                                                                      \
     }                                                                                                          \
-    /* e^(x[s] - top) in place, and their sum: Cephes' expf polynomial (within 2 ulp) in plain arithmetic, which   \
-       vectorises (a call to std::exp per value does not, and a row of 1,000 slots has 1,000 of them per head) */  \
+    /* e^y: Cephes' expf polynomial (within 2 ulp) in plain arithmetic, which vectorises in a loop (a call to  \
+       std::exp per value does not: a row of 1,000 slots has 1,000 of them per head, SwiGLU one per activation) */ \
+    TARGET inline float exp_##NAME(float y) {                                                                  \
+        y = std::min(std::max(y, -87.f), 88.f);                                                                \
+        const float k = (y * 1.44269504f + 12582912.f) - 12582912.f; /* round to nearest */                    \
+        const float r = y - k * 0.693359375f + k * 2.12194440e-4f;                                             \
+        float p = 1.9875691500e-4f;                                                                            \
+        p = p * r + 1.3981999507e-3f;                                                                          \
+        p = p * r + 8.3334519073e-3f;                                                                          \
+        p = p * r + 4.1665795894e-2f;                                                                          \
+        p = p * r + 1.6666665459e-1f;                                                                          \
+        p = p * r + 5.0000001201e-1f;                                                                          \
+        p = p * r * r + r + 1.f;                                                                               \
+        const int32_t bits = (int32_t(k) + 127) << 23;                                                         \
+        float two_k;                                                                                           \
+        std::memcpy(&two_k, &bits, sizeof two_k);                                                              \
+        return p * two_k;                                                                                      \
+    }                                                                                                          \
+    /* e^(x[s] - top) in place, and their sum */                                                               \
     TARGET float exp_shifted_##NAME(float* x, int64_t n, float top) {                                          \
         float acc[16] = {0};                                                                                   \
         int64_t s = 0;                                                                                         \
-        for (; s < n; ++s) {                                                                                   \
-            const float y = std::max(x[s] - top, -87.f);                                                       \
-            const float k = (y * 1.44269504f + 12582912.f) - 12582912.f; /* round to nearest */                \
-            const float r = y - k * 0.693359375f + k * 2.12194440e-4f;                                         \
-            float p = 1.9875691500e-4f;                                                                        \
-            p = p * r + 1.3981999507e-3f;                                                                      \
-            p = p * r + 8.3334519073e-3f;                                                                      \
-            p = p * r + 4.1665795894e-2f;                                                                      \
-            p = p * r + 1.6666665459e-1f;                                                                      \
-            p = p * r + 5.0000001201e-1f;                                                                      \
-            p = p * r * r + r + 1.f;                                                                           \
-            const int32_t bits = (int32_t(k) + 127) << 23;                                                     \
-            float two_k;                                                                                       \
-            std::memcpy(&two_k, &bits, sizeof two_k);                                                          \
-            x[s] = p * two_k;                                                                                  \
-        }                                                                                                      \
+        for (; s < n; ++s) x[s] = exp_##NAME(x[s] - top);                                                      \
         for (s = 0; s + 16 <= n; s += 16)                                                                      \
             for (int t = 0; t < 16; ++t) acc[t] += x[s + t];                                                   \
         float total = 0.f;                                                                                     \
         for (; s < n; ++s) total += x[s];                                                                      \
         for (int t = 0; t < 16; ++t) total += acc[t];                                                          \
         return total;                                                                                          \
+    }                                                                                                          \
+    /* 16 floats from a slot (an 8-bit one's widened), and the sum of 16 lanes as a tree */                  \
+    TARGET inline vec16 load16_##NAME(const float* p) {                                                        \
+        vec16 v;                                                                                               \
+        std::memcpy(&v, p, sizeof v);                                                                          \
+        return v;                                                                                              \
+    }                                                                                                          \
+    TARGET inline vec16 load16_##NAME(const int8_t* p) { return WIDEN(p); }                                   \
+    TARGET inline float sum16_##NAME(vec16 v) {                                                                \
+        const vec8 e = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +                                \
+                       __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);                           \
+        const vec4 f = __builtin_shufflevector(e, e, 0, 1, 2, 3) + __builtin_shufflevector(e, e, 4, 5, 6, 7);  \
+        return (f[0] + f[2]) + (f[1] + f[3]);                                                                  \
+    }                                                                                                          \
+    /* out[h] = sum over slots s of p[h, s] * v[s], 16 * B outputs at a time in B independent sums, which     \
+       stay in registers over all the slots */                                                                 \
+    template <int B, typename T>                                                                               \
+    TARGET void weigh_##NAME(const float* p, int64_t heads, const T* v, int64_t n, int64_t hd, float* out) {   \
+        for (int64_t h = 0; h < heads; ++h)                                                                    \
+            for (int64_t j = 0; j < hd; j += 16 * B) {                                                         \
+                vec16 acc[B] = {};                                                                             \
+                for (int64_t s = 0; s < n; ++s) {                                                              \
+                    const float weight = p[h * n + s];                                                         \
+                    const T* vs = slot_raw(v, s, hd) + j;                                                      \
+                    for (int b = 0; b < B; ++b) acc[b] += weight * load16_##NAME(vs + 16 * b);                 \
+                }                                                                                              \
+                std::memcpy(out + h * hd + j, acc, sizeof acc);                                                \
+            }                                                                                                  \
     }                                                                                                          \
     /* `heads` query heads (q: heads x hd) that share one kv head, over its slots 0..last of one row:          \
        softmax(q.k / sqrt(hd)) @ v in fp32. Each slot is read once for all of them; scores: heads x (last+1) */ \
@@ -123,34 +163,85 @@ inline const float* slot_values(const int8_t* cache, int64_t s, int64_t hd, floa
         float buffer[512], top[64], total[64];                                                                 \
         for (int64_t h = 0; h < heads; ++h) top[h] = -INFINITY;                                                \
         for (int64_t s = 0; s < n; ++s) {                                                                      \
-            const float* ks = slot_values(k, s, hd, buffer);                                                   \
+            const T* ks = slot_raw(k, s, hd);                                                                  \
+            const float factor = slot_factor(k, s, hd) * scale;                                                \
             for (int64_t h = 0; h < heads; ++h) {                                                              \
-                const float score = scores[h * n + s] = dot_##NAME(q + h * hd, ks, hd) * scale;                \
+                float dot;                                                                                     \
+                if (hd % 16 == 0) {                                                                            \
+                    vec16 acc = {};                                                                            \
+                    for (int64_t j = 0; j < hd; j += 16)                                                       \
+                        acc += load16_##NAME(q + h * hd + j) * load16_##NAME(ks + j);                          \
+                    dot = sum16_##NAME(acc);                                                                   \
+                } else {                                                                                       \
+                    for (int64_t j = 0; j < hd; ++j) buffer[j] = float(ks[j]);                                 \
+                    dot = dot_##NAME(q + h * hd, buffer, hd);                                                  \
+                }                                                                                              \
+                const float score = scores[h * n + s] = dot * factor;                                          \
                 top[h] = std::max(top[h], score);                                                              \
             }                                                                                                  \
         }                                                                                                      \
         for (int64_t h = 0; h < heads; ++h) total[h] = exp_shifted_##NAME(scores + h * n, n, top[h]);           \
+        for (int64_t h = 0; h < heads; ++h) /* each weight times its slot's scale (8-bit cache) */             \
+            for (int64_t s = 0; s < n; ++s) scores[h * n + s] *= slot_factor(v, s, hd) / total[h];            \
+        if (hd % 64 == 0) return weigh_##NAME<4>(scores, heads, v, n, hd, out);                                \
+        if (hd % 16 == 0) return weigh_##NAME<1>(scores, heads, v, n, hd, out);                                \
         for (int64_t j = 0; j < heads * hd; ++j) out[j] = 0.f;                                                 \
-        for (int64_t s = 0; s < n; ++s) {                                                                      \
-            const float* vs = slot_values(v, s, hd, buffer);                                                   \
-            for (int64_t h = 0; h < heads; ++h) {                                                              \
-                const float p = scores[h * n + s] / total[h];                                                  \
-                for (int64_t j = 0; j < hd; ++j) out[h * hd + j] += p * vs[j];                                 \
-            }                                                                                                  \
-        }                                                                                                      \
+        for (int64_t s = 0; s < n; ++s)                                                                        \
+            for (int64_t h = 0; h < heads; ++h)                                                                \
+                for (int64_t j = 0; j < hd; ++j) out[h * hd + j] += scores[h * n + s] * float(slot_raw(v, s, hd)[j]); \
     }                                                                                                          \
     /* y[r, j] = silu(gu[r, j]) * gu[r, f + j] */                                                              \
     TARGET void swiglu_##NAME(const float* gu, float* y, int64_t rows, int64_t f) {                            \
         for (int64_t r = 0; r < rows; ++r)                                                                     \
             for (int64_t j = 0; j < f; ++j) {                                                                  \
                 const float g = gu[r * 2 * f + j];                                                             \
-                y[r * f + j] = g / (1.f + std::exp(-g)) * gu[r * 2 * f + f + j];                               \
+                y[r * f + j] = g / (1.f + exp_##NAME(-g)) * gu[r * 2 * f + f + j];                             \
             }                                                                                                  \
     }
 
-SLM_LOOPS(plain, )
-SLM_LOOPS(avx2, __attribute__((target("avx2,fma,f16c"))))
-SLM_LOOPS(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))))
+// The sum of 16 partial sums: a tree in plain code; one vector's lanes where there are vectors.
+inline float tree_sum(const float* acc) {
+    float v[16];
+    std::copy(acc, acc + 16, v);
+    for (int width = 8; width > 0; width /= 2)
+        for (int t = 0; t < width; ++t) v[t] += v[t + width];
+    return v[0];
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline float avx2_sum(const float* acc) {
+    const __m256 v = _mm256_add_ps(_mm256_loadu_ps(acc), _mm256_loadu_ps(acc + 8));
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))) inline float avx512_sum(const float* acc) {
+    return _mm512_reduce_add_ps(_mm512_loadu_ps(acc));
+}
+
+// 16 int8 values as floats (GCC 12 widens bytes to floats one by one where it is left to itself).
+inline vec16 plain_widen(const int8_t* p) {
+    vec16 v;
+    for (int t = 0; t < 16; ++t) v[t] = float(p[t]);
+    return v;
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline vec16 avx2_widen(const int8_t* p) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m256 halves[2] = {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)),
+                              _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)))};
+    vec16 v;
+    std::memcpy(&v, halves, sizeof v);
+    return v;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))) inline vec16 avx512_widen(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+SLM_LOOPS(plain, , tree_sum, plain_widen)
+SLM_LOOPS(avx2, __attribute__((target("avx2,fma,f16c"))), avx2_sum, avx2_widen)
+SLM_LOOPS(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))), avx512_sum, avx512_widen)
 
 struct Loops {
     void (*rmsnorm)(const float*, const float*, float*, int64_t, int64_t, float);
