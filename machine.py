@@ -14,12 +14,13 @@ moment on one rank cannot send the ranks down different paths.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -84,6 +85,16 @@ class Machine:
             except ValueError:
                 raise ValueError(f"--machine/{ENV}: {name} takes a {kind.__name__}, not {value!r}") from None
             self.how[name] = how
+
+    @contextlib.contextmanager
+    def pinned(self, text: str) -> Iterator[None]:
+        """Choices pinned for the length of a block, then as they were (bench's contenders side by side)."""
+        before = dict(self.values), dict(self.how)
+        self.pin(text)
+        try:
+            yield
+        finally:
+            self.values, self.how = before
 
     def share(self) -> None:
         """DDP: every rank takes rank 0's choices (call on every rank, after rank 0 has decided what it needs)."""

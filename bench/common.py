@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from layers import bf16_gemms_run_in_fp32
+from layers import bf16_gemms_run_in_fp32, kernel_isas
 from machine import peak_matmul_flops
 
 PROMPT = "The quick brown fox jumps over the lazy dog while the sun sets behind the hills"  # 16 SmolLM2 tokens
@@ -34,6 +34,12 @@ def timed_interleaved(fns: dict, repeats: int = 3) -> tuple[dict, dict]:
             fn()
             times[name].append(time.perf_counter() - t0)
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}, warmups
+
+
+def int8_activations() -> str | None:
+    """The pin of the opt-in int8 kernels (activations rounded to 8 bits, as llama.cpp and OpenVINO do) where this
+    CPU runs them with vector instructions (AVX-512 VNNI), else None."""
+    return "quant_kernel=avx512-int8" if "avx512-int8" in kernel_isas() else None
 
 
 def timed(fn, repeats: int = 3) -> float:

@@ -6,8 +6,9 @@ Three kinds of row:
           new token, plus the step's set-up and the kernels' loading; llama.cpp: llama-bench's pp16 + tg128 time.
           The same with --step compiled, whose first-ever compile and warm start are reported apart.
   decode  generated tokens/s at a fixed batch, in this process, each contender timed in turns: ours with the
-          checkpoint's own weights (the GGUF's int4 blocks) through the fused, eager and compiled steps, ours
-          in fp32, bf16 and re-quantized int8, transformers fp32; llama.cpp: tg128 (batch 1) or
+          checkpoint's own weights (the GGUF's int4 blocks) through the fused, eager and compiled steps (and the
+          fused step with int8 activations, where AVX-512 VNNI runs them), ours in fp32, bf16 and re-quantized
+          int8, transformers fp32; llama.cpp: tg128 (batch 1) or
           llama-batched-bench (more sequences); OpenVINO GenAI (fp16, int8, int4 exports) and vLLM's CPU engine
           (bf16), where `make bench-install` put them, each in its own venv and process.
 """
@@ -23,9 +24,18 @@ from pathlib import Path
 import torch
 
 from bench import llama, peers
-from bench.common import PROMPT, ROOT, first_difference, named_bars, timed_interleaved, transformers_model
+from bench.common import (
+    PROMPT,
+    ROOT,
+    first_difference,
+    int8_activations,
+    named_bars,
+    timed_interleaved,
+    transformers_model,
+)
 from checkpoint import config_and_tokenizer, load_checkpoint, load_model
 from engine import generate
+from machine import MACHINE
 
 
 def run(args) -> list[dict]:
@@ -91,6 +101,12 @@ def decode_rows(args, prompt: list[int]) -> list[dict]:
         fns = {f"ours {name} {step}": (lambda n=name, m=models[name], s=step: ours(f"{n} {s}", m, s))
                for name, step in (("auto", "fused"), ("auto", "eager"), ("auto", "compiled"), ("fp32", "fused"),
                                   ("int8", "fused"), ("bf16", "eager"))}
+        pin = int8_activations()
+        if pin:
+            def int8_fused():
+                with MACHINE.pinned(pin):
+                    ours("auto fused int8-activations", models["auto"], "fused")
+            fns["ours auto fused int8-activations"] = int8_fused
         fns["transformers fp32"] = transformers
         seconds, first_call = timed_interleaved(fns, 2 if batch >= 32 else 3)
         tok_s = {k: batch * args.new_tokens / v for k, v in seconds.items()}

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench import llama, peers
-from bench.common import CHAT_PROMPTS, percentile, start_server
+from bench.common import CHAT_PROMPTS, int8_activations, percentile, start_server
 from checkpoint import config_and_tokenizer, load_checkpoint
 
 
@@ -95,7 +95,8 @@ def bench_serve(ckpt_path: str, threads: int, levels: list[int], requests: int =
                 rows: int = 32) -> list[dict]:
     """Load on an OpenAI-compatible server over loopback: `requests` chat prompts (every 4th of prompts/chat.txt:
     questions, lists and stories), greedy, streamed, at 1/8/32/64 concurrent clients. Ours (serve.py with no
-    flags, 32 rows), llama-server (-np 32, the same GGUF and threads) and vLLM in the same run. Tokens are counted by
+    flags, 32 rows; and with int8 activations where AVX-512 VNNI runs them), llama-server (-np 32, the same GGUF
+    and threads) and vLLM in the same run. Tokens are counted by
     re-encoding each answer with the model's tokenizer, the same for all. vLLM's CPU engine (bf16, 32
     sequences) where `make bench-install` put it."""
     import asyncio
@@ -107,6 +108,8 @@ def bench_serve(ckpt_path: str, threads: int, levels: list[int], requests: int =
                "temperature": 0, "stream": True} for t in texts]
     servers = {"ours (serve.py)": [sys.executable, "serve.py", "--checkpoint", ckpt_path, "--port", "8931",
                                    "--batch-size", str(rows)]}
+    if int8_activations():
+        servers["ours, int8 activations"] = servers["ours (serve.py)"] + ["--machine", int8_activations()]
     servers |= peer_servers("serve", ckpt_path, threads, rows, 8932, rows * 512)
     out = []
     for name, command in servers.items():

@@ -41,6 +41,15 @@ def test_pins_parse_and_bad_pins_say_what_is_known():
         m.pin("dense_min_rows=many")
 
 
+def test_a_pin_for_a_block_is_undone_after_it_even_on_an_error():
+    m = Machine()
+    m.pin("quant_kernel=plain")
+    with pytest.raises(KeyError), m.pinned("quant_kernel=plain-int8,int16_rows=0"):
+        assert m.values == {"quant_kernel": "plain-int8", "int16_rows": 0}
+        raise KeyError
+    assert m.values == {"quant_kernel": "plain"} and m.how == {"quant_kernel": "pinned"}
+
+
 def test_the_flag_wins_over_the_environment_and_the_stats_say_so(tmp_path):
     """A real process: SLM_MACHINE and --machine both pin; the stats JSON of inference.py reports the choices."""
     code = ("import sys; from machine import MACHINE, prepare_process; prepare_process(sys.argv[1]); "
