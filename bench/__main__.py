@@ -12,7 +12,7 @@ every figure. Compile time is left out of the rates (a warm-up call first) and r
   python -m bench --only serve                     # serve.py vs llama.cpp's server at 1/8/32/64 clients
   python -m bench --only prefix                    # a shared system prompt: prefix cache on/off, llama-server
   python -m bench --only grammar                   # structured output: the mask's cost per token, free vs JSON
-  python -m bench --only kv-cache                  # the 8-bit KV cache against the exact one: speed, memory, bpb
+  python -m bench --only int8                      # the int8 KV cache and int8 activations against the exact path
   python -m bench --only sweep --checkpoint checkpoints/tiny    # batch sizes x KV cache, worker processes
   python -m bench --only train-budget              # where make train's step goes: fp32/bf16, eager/compiled
   python -m bench --only recipes                   # the recipe ladder side by side, 10 min each rung (tiny)
@@ -36,7 +36,7 @@ from machine import MACHINE, prepare_process
 SECTIONS = {"decode": "decode", "budget": "budget", "prefill": "prefill", "speculate": "speculate", "gemv": "gemv",
             "quality": "quality", "engine": "batching", "serve": "server", "prefix": "prefix", "train": "training",
             "train-budget": "train_budget", "sweep": "sweep", "recipes": "recipes", "grammar": "grammar",
-            "kv-cache": "kv_cache"}
+            "int8": "int8"}
 DEFAULT = ["decode", "budget", "prefill", "speculate", "gemv", "quality", "engine", "serve", "prefix", "train"]
 
 
