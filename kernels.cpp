@@ -274,7 +274,7 @@ void matmul_slice(const Weights& W, const float* x, int64_t M, float* y, int64_t
             return int8_slice(W, x, M, y, ldy, n0, n1, isa);
         case Isa::plain_int8:
             if (W.w != nullptr) return f32_rows_plain(x, M, W.K, W.w, y, ldy, n0, n1);
-            return int8_slice(W, x, M, y, ldy, n0, n1, Isa::plain);
+            return int8_slice(W, x, M, y, ldy, n0, n1, isa);
         default:
             TORCH_CHECK(W.w == nullptr, "the int16 kernels take quantized weights only");
             return int16_slice(W, x, M, y, ldy, n0, n1, isa);

@@ -36,12 +36,11 @@ struct Weights {
 };
 
 // Quantized weights repacked for the int8 kernels, 16 outputs a panel, made once by the fused step; per panel
-// and group of 32: `words` 32-bit words per output lane (4 for q4's nibbles, 8 for int8), and a scale and an
-// offset per lane.
+// and group of 32: 32-bit words per output lane (4 for q4's nibbles, 8 for int8), and a scale and an offset
+// per lane.
 struct Panels {
     std::vector<int32_t> w;
     std::vector<float> scale, offset;
-    int64_t words = 0;
 };
 Panels pack_panels(const Weights& W);
 

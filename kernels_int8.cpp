@@ -7,7 +7,7 @@
 // into each output's lane against four activations of one row, broadcast. The panel is then used for every
 // row, eight at a time. q4 (Q4_1) weights are unsigned nibbles, the instruction's unsigned operand; int8 ones
 // are signed, so there the activations become unsigned (q + 128) and each group takes back 128 * sum(w).
-// Opt in with --activations int8 (the numbers change, as they do in llama.cpp); fp32 weights run the exact tiles.
+// Opt in with --machine quant_kernel=avx512-int8 (the numbers change, as they do in llama.cpp); fp32 weights run the exact tiles.
 #include "kernels.h"
 
 #include <immintrin.h>
@@ -215,16 +215,16 @@ Panels pack_panels(const Weights& W) {
     TORCH_CHECK(W.w == nullptr && W.K % 32 == 0, "the int8 kernels take int4/int8 weights");
     const int64_t G = W.K / 32, panels = (W.N + 15) / 16;
     Panels p{std::vector<int32_t>(panels * G * 16 * (W.qs ? 4 : 8)), std::vector<float>(panels * G * 16),
-             std::vector<float>(panels * G * 16), W.qs ? 4 : 8};
+             std::vector<float>(panels * G * 16)};
     for (int64_t i = 0; i < panels; ++i)
-        pack(W, i * 16, int(std::min<int64_t>(16, W.N - i * 16)), p.w.data() + i * G * 16 * p.words,
+        pack(W, i * 16, int(std::min<int64_t>(16, W.N - i * 16)), p.w.data() + i * G * 16 * (W.qs ? 4 : 8),
              p.scale.data() + i * G * 16, p.offset.data() + i * G * 16);
     return p;
 }
 
 void int8_slice(const Weights& W, const float* x, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1,
                 Isa isa) {
-    if (isa == Isa::plain)
+    if (isa == Isa::plain_int8)
         return int8_rows_plain(W, to_int8(x, M, W.K, W.qs == nullptr, group_to_int8), M, y, ldy, n0, n1);
     // each thread rounds all rows itself: cheap beside its share of the weights' products
     const Activations a = to_int8(x, M, W.K, W.qs == nullptr, group_to_int8_avx512);

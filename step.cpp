@@ -42,23 +42,13 @@ inline void store_q8(const float* x, int64_t hd, int8_t* slot) {
     std::memcpy(slot + hd, &scale, sizeof scale);
 }
 
-// A slot's head_dim values as floats: an fp32 cache's own, or an 8-bit one's dequantized into `buffer`.
-inline const float* slot_values(const float* cache, int64_t s, int64_t hd, float*) { return cache + s * hd; }
-
-inline const float* slot_values(const int8_t* cache, int64_t s, int64_t hd, float* buffer) {
-    const int8_t* slot = cache + s * (hd + 4);
-    const float scale = slot_scale(slot, hd);
-    for (int64_t j = 0; j < hd; ++j) buffer[j] = scale * float(slot[j]);
-    return buffer;
-}
-
 // A slot's stored values and the factor they take: an fp32 cache's own (1), an 8-bit one's and its scale.
 inline const float* slot_raw(const float* cache, int64_t s, int64_t hd) { return cache + s * hd; }
 inline const int8_t* slot_raw(const int8_t* cache, int64_t s, int64_t hd) { return cache + s * (hd + 4); }
 inline float slot_factor(const float*, int64_t, int64_t) { return 1.f; }
 inline float slot_factor(const int8_t* cache, int64_t s, int64_t hd) { return slot_scale(cache + s * (hd + 4), hd); }
 
-// Vectors of floats and bytes that the compiler lowers to each target's registers (one zmm, two ymm, ...).
+// Vectors of floats that the compiler lowers to each target's registers (one zmm, two ymm, ...).
 typedef float vec16 __attribute__((vector_size(64)));
 typedef float vec8 __attribute__((vector_size(32)));
 typedef float vec4 __attribute__((vector_size(16)));
@@ -66,7 +56,7 @@ typedef float vec4 __attribute__((vector_size(16)));
 // --- the elementwise and attention loops, per instruction set ------------------------------------------------
 // Dot products keep 16 partial sums, so that the compiler vectorises them for the target (a float sum in one
 // accumulator may not be reordered).
-#define SLM_LOOPS(NAME, TARGET, HSUM, WIDEN)                                                                          \
+#define SLM_LOOPS(NAME, TARGET, HSUM, WIDEN)                                                           \
     TARGET inline float dot_##NAME(const float* a, const float* b, int64_t n) {                                \
         float acc[16] = {0};                                                                                   \
         int64_t j = 0;                                                                                         \
