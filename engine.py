@@ -43,8 +43,8 @@ class Engine:
         self.prefix = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb > 0 and use_cache else None
         self.model, self.tok, self.max_len, self.batching = model, tokenizer, max_len, batching
         self.eos_id = tokenizer.eos_id if eos_id is None and tokenizer is not None else eos_id
-        # prefill_s: passes with prompt chunks only; decode_s: passes that made tokens (chunks may ride along);
-        # compile_s: torch.compile's time in them, left out of both
+        # prefill_s: whole steps (schedule, pass, sampling, detokenizing) with prompt chunks only; decode_s: steps
+        # that made tokens (chunks may ride along); compile_s: torch.compile's time in them, left out of both
         # drafted / accepted: speculative draft tokens verified, and those kept; finished: requests by reason
         self.stats = {"prefill_tokens": 0, "prefill_s": 0.0, "new_tokens": 0, "decode_s": 0.0, "steps": 0,
                       "decode_steps": 0, "decoded_row_steps": 0, "compile_s": 0.0, "drafted": 0, "accepted": 0,
@@ -74,6 +74,7 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[Request]:
         """One iteration: schedule, run, retire. Returns the requests that finished in it."""
+        t0 = time.perf_counter()
         finished: list[Request] = []
         for seq in self.scheduler.cancelled():
             self._finish(seq, "cancelled", finished)
@@ -88,7 +89,7 @@ class Engine:
                 seq.filled = self.prefix.reuse(seq.request.prompt, self.runner.kv_cache, seq.row)
         batch = self.scheduler.schedule()
         if batch is not None:
-            t0, compiling = time.perf_counter(), self.runner.compile_seconds
+            compiling = self.runner.compile_seconds
             logits = self.runner.forward(batch, self.scheduler.running)
             running = self.scheduler.running
             for b, part in logits.scored.items():  # the logits at prompt token j score prompt token j + 1
@@ -115,13 +116,6 @@ class Engine:
                 # The next draft: twice as long after a whole draft was kept, one past what was kept otherwise,
                 # so that a row whose drafts keep failing verifies few tokens (each costs a row of the pass).
                 seq.draft_len = min(seq.request.speculate, 2 * seq.draft_len if kept == len(tokens) - 1 else kept + 1)
-            compiled = self.runner.compile_seconds - compiling
-            self.stats["compile_s"] += compiled
-            self.stats["decode_s" if live or verified else "prefill_s"] += time.perf_counter() - t0 - compiled
-            self.stats["prefill_tokens"] += sum(len(c) for _, _, c in batch.chunks)
-            if live or verified:
-                self.stats["decode_steps"] += 1
-                self.stats["decoded_row_steps"] += len(live) + len(verified)
             # each token with the logits it was drawn from (for its log-probability)
             drawn_from = [*(logits.decode[i:i + 1] for i in range(len(live))), *logits.verify,
                           *(prompt_ends[i:i + 1] for i in range(len(prompted)))]
@@ -129,6 +123,13 @@ class Engine:
                 for token, row in zip(tokens, rows):  # a draft's tokens, in order, until one retires the row
                     if seq.request.finish_reason is None:
                         self._take(seq, token, finished, row)
+            compiled = self.runner.compile_seconds - compiling
+            self.stats["compile_s"] += compiled
+            self.stats["decode_s" if live or verified else "prefill_s"] += time.perf_counter() - t0 - compiled
+            self.stats["prefill_tokens"] += sum(len(c) for _, _, c in batch.chunks)
+            if live or verified:
+                self.stats["decode_steps"] += 1
+                self.stats["decoded_row_steps"] += len(live) + len(verified)
         self.stats["steps"] += 1
         return finished
 

@@ -19,10 +19,11 @@ std::vector<std::string> isas();           // this CPU's, best first ("plain" la
 Isa parse_isa(const std::string& name);    // refuses a name this CPU cannot run
 Family family(Isa isa);
 
-// One matmul weight W [N, K], in one of three formats:
+// One matmul weight W [N, K], in one of four formats:
 //   f32  w [N, K]
 //   q4   qs [N, K/2] (llama.cpp's Q4_1 nibbles), d and m [N, K/32]: w = d * q + m
 //   q8   q [N, K] int8, s [N, groups] (groups 1 or K/32): w = s * q
+//   bf16 b [N, K] (the fused step's bf16 models, kernels_bf16.cpp)
 // The scales d, m and s are fp16, as GGUF stores them (half of what fp32 scales would add to each weight's bytes).
 using half = uint16_t;
 struct Panels;
@@ -31,6 +32,7 @@ struct Weights {
     const uint8_t* qs = nullptr;
     const int8_t* q = nullptr;
     const half *d = nullptr, *m = nullptr, *s = nullptr;
+    const uint16_t* b = nullptr;
     int64_t groups = 0, N = 0, K = 0;
     const Panels* panels = nullptr;  // the int8 kernels' repacked copy, where the caller made one (pack_panels)
 };
@@ -68,5 +70,12 @@ void matmul(const Weights& W, const float* x, int64_t M, float* y, int64_t ldy, 
 void int16_slice(const Weights& W, const float* x, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1, Isa isa);
 // The int8 kernels' slice (kernels_int8.cpp): quantized weights only.
 void int8_slice(const Weights& W, const float* x, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1, Isa isa);
+
+// The bf16 kernels (kernels_bf16.cpp): "avx512-bf16" where this CPU has it, and "plain-bf16" anywhere.
+std::vector<std::string> bf16_kernels();
+// x is rounded to bf16 into xb (scratch) first.
+void bf16_slice(const Weights& W, const float* x, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1,
+                const std::string& kernel, std::vector<uint16_t>& xb);
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const std::string& kernel);
 
 }  // namespace slm

@@ -90,7 +90,7 @@ def quant_ops():
     if not any(build.glob("*.so")):
         print("building kernels.cpp and step.cpp for this machine (once, about a minute)...", file=sys.stderr)
     module = load(name="slm_kernels", sources=[str(root / n) for n in ("kernels.cpp", "kernels_int16.cpp",
-                                                                    "kernels_int8.cpp", "step.cpp")],
+                                                                    "kernels_int8.cpp", "kernels_bf16.cpp", "step.cpp")],
                   build_directory=str(build), extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
                   extra_include_paths=[str(root)], verbose=False)
     # output shapes, for torch.compile
@@ -135,6 +135,14 @@ def time_int16_crossover() -> int:
             break
         best = rows
     return best
+
+
+def bf16_kernel() -> str:
+    """The fused step's kernel for bf16 weights: AVX-512 BF16's dot products where this CPU has them (and the
+    kernels are not capped below AVX-512), else none, and bf16 models take the eager step as before."""
+    capped = os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("avx2", "default")
+    return MACHINE.decide("bf16_kernel", lambda: "avx512-bf16" if not capped and "avx512-bf16" in
+                          quant_ops().bf16_kernels() else "none")
 
 
 def kernel_isas() -> list[str]:

@@ -32,6 +32,8 @@ CHOICES: dict[str, tuple[type, str]] = {
     "quant_kernel": (str, "the exact int8/int4 kernels' instruction set (the best this CPU has, or plain)"),
     "int16_kernel": (str, "the int16 kernels for passes of a few tokens (the best this CPU has, or none)"),
     "int16_rows": (int, "passes of up to this many tokens (drafts aside) take the int16 kernels: they win there"),
+    "bf16_kernel": (str, "the fused step's kernel for bf16 weights (avx512-bf16 where this CPU has it; plain-bf16, "
+                         "the slow reference), or none: bf16 models take the eager step"),
     "train_step": (str, "a training step's precision and compilation (fp32, bf16, fp32+compile, bf16+compile), "
                         "timed on the run's own shape; a pin decides only what --dtype and --compile leave auto"),
 }

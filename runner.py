@@ -3,7 +3,8 @@
 A pass holds the decode tokens of the running rows and the step's prompt chunks, so a step that admits prompts
 still reads the weights once. Three ways to run it, all with the model's own numbers:
   fused     step.cpp: the whole pass in one C++ call, each token attending over its own row's slots (any rows,
-            any lengths, no compile); the default wherever it runs (CPU; fp32 or int8/int4 weights)
+            any lengths, no compile); the default wherever it runs (CPU; fp32 or int8/int4 weights, and bf16
+            where the CPU has AVX-512 BF16: inputs of its matmuls rounded to bf16, the rest in fp32)
   eager     model.py op by op: the decode part spans the rows up to the highest one in use and the cache slots up
             to the longest row (rounded up to 64), so a step costs time linear in what is in use
   compiled  torch.compile of the decode part (frozen, prepacked weights on CPU, CUDA graphs on GPU), every row and
@@ -19,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from config import STEPS
-from layers import QuantEmbedding, QuantLinear, dense_min_rows, int16_kernel, int16_rows, quant_kernel, quant_ops
+from layers import (QuantEmbedding, QuantLinear, bf16_kernel, dense_min_rows, int16_kernel, int16_rows, quant_kernel,
+                    quant_ops)
 from model import GPT, Decode, Prefill
 from scheduler import Batch, Sequence
 
@@ -28,7 +30,8 @@ KV_WINDOW = 64  # eager passes read the cache slots in use, rounded up to this
 
 def allocate_kv_cache(model: GPT, rows: int, slots: int,
                       dtype: str = "auto") -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer K/V buffers of shape (rows, n_kv_head, slots, head_dim), in the model's dtype. Separate tensors:
+    """Per-layer K/V buffers of shape (rows, n_kv_head, slots, head_dim), in the model's dtype (auto; fp32 for
+    the fused step, which keeps its activations in fp32 whatever its weights). Separate tensors:
     a compiled step writes into each in place (views of one big tensor made Inductor copy it whole).
     dtype int8: each slot is head_dim int8 values and their fp32 scale, 4 bytes more (step.cpp's store_q8), so
     that a slice of slots (the prefix cache's blocks) carries its scales with it."""
@@ -37,7 +40,8 @@ def allocate_kv_cache(model: GPT, rows: int, slots: int,
         raise ValueError(f"KV cache length {slots} exceeds max_seq_len {cfg.max_seq_len}")
     int8 = dtype == "int8"
     shape = (rows, cfg.n_kv_head, slots, cfg.head_dim + 4 * int8)
-    options = {"dtype": torch.int8 if int8 else model.norm.weight.dtype, "device": model.rope_cos.device}
+    options = {"dtype": {"int8": torch.int8, "fp32": torch.float32}.get(dtype, model.norm.weight.dtype),
+               "device": model.rope_cos.device}
     cache = [(torch.zeros(shape, **options), torch.zeros(shape, **options)) for _ in model.layers]
     if model.rope_cos.is_cuda:  # CUDA graphs replay in-place writes only into inputs with fixed addresses
         for k, v in cache:
@@ -103,7 +107,8 @@ class ModelRunner:
             raise ValueError(f"an int8 KV cache runs in the fused step only, and this run takes the {self.step} step "
                              "(plain Llama on the CPU with fp32 or int8/int4 weights is fused); use --kv-cache-dtype "
                              "auto")
-        self.kv_cache = allocate_kv_cache(model, rows, max_len, kv_cache_dtype) if use_cache else None
+        kv_dtype = "fp32" if self.step == "fused" and kv_cache_dtype == "auto" else kv_cache_dtype
+        self.kv_cache = allocate_kv_cache(model, rows, max_len, kv_dtype) if use_cache else None
         self.compiled = self.step == "compiled"
         self.decode_step = compile_decode_step(model) if self.compiled else model.decode_step
         self.fused = fused_model(model) if self.step == "fused" else None
@@ -132,7 +137,8 @@ class ModelRunner:
             few = self.quantized and int16_kernel() != "none" and plain <= int16_rows()
             isa = int16_kernel() if few else quant_kernel()
             logits = self.fused.forward(*(torch.tensor(v) for v in (ids, rows, positions, at)),
-                                        [k for k, _ in self.kv_cache], [v for _, v in self.kv_cache], isa)
+                                        [k for k, _ in self.kv_cache], [v for _, v in self.kv_cache], isa,
+                                        bf16_kernel())
             return Logits.split(logits, batch)
         chunks = prefill_part(pieces, self.device) if pieces else None
         span = self.rows if self.compiled else batch.span
@@ -216,11 +222,13 @@ class ModelRunner:
 
 
 def fused_runs(model: GPT) -> bool:
-    """Whether step.cpp can run this model: plain Llama (no levers), on the CPU, with fp32 activations (fp32 or
-    int8/int4 weights)."""
-    return not model.config.levers and not model.rope_cos.is_cuda and model.norm.weight.dtype == torch.float32 and all(
-        isinstance(m, QuantLinear) or m.weight.dtype == torch.float32 for m in model.modules()
-        if isinstance(m, torch.nn.Linear))
+    """Whether step.cpp can run this model: plain Llama (no levers), on the CPU, with fp32 or int8/int4 weights,
+    or bf16 ones (all of them, in multiples of 32 inputs) where a bf16 kernel was chosen."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    fp32 = model.norm.weight.dtype == torch.float32 and all(m.weight.dtype == torch.float32 for m in linears)
+    bf16 = model.norm.weight.dtype == torch.bfloat16 and bool(linears) and all(
+        m.weight.dtype == torch.bfloat16 and m.in_features % 32 == 0 for m in linears)
+    return not model.config.levers and not model.rope_cos.is_cuda and (fp32 or bf16 and bf16_kernel() != "none")
 
 
 FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (its weights, step.cpp's Model)
@@ -228,8 +236,8 @@ FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (its 
 
 def fused_model(model: GPT):
     """step.cpp's Model over this model's own weight tensors, made once per model and remade only when a weight
-    tensor was replaced (no copies: it sees in-place updates, as training makes; int4/int8 layers keep their
-    blocks, which its kernels dequantize as they go)."""
+    tensor was replaced (no copies of the weights: it sees in-place updates, as training makes; int4/int8 layers
+    keep their blocks, which its kernels dequantize as they go)."""
     weights = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
     if model in FUSED and FUSED[model][0] == weights:
         return FUSED[model][1]
@@ -246,13 +254,13 @@ def fused_model(model: GPT):
 
     cfg = model.config
     embed = spec(model.embed_tokens.head if isinstance(model.embed_tokens, QuantEmbedding) else model.embed_tokens)
-    norms = [[block.input_layernorm.weight.detach(), block.post_attention_layernorm.weight.detach()]
-             for block in model.layers]
+    norms = [[block.input_layernorm.weight.detach().float(), block.post_attention_layernorm.weight.detach().float()]
+             for block in model.layers]  # a bf16 model's norms and RoPE tables widened (exactly) for the fp32 pass
     projections = [[group(b.self_attn, ("q_proj", "k_proj", "v_proj")), [spec(b.self_attn.o_proj)],
                     group(b.mlp, ("gate_proj", "up_proj")), [spec(b.mlp.down_proj)]] for b in model.layers]
-    FUSED[model] = weights, quant_ops().Model(cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.norm_eps, model.rope_cos,
-                                              model.rope_sin, embed, norms, projections, model.norm.weight.detach(),
-                                              [spec(model.lm_head)])
+    FUSED[model] = weights, quant_ops().Model(cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.norm_eps,
+                                              model.rope_cos.float(), model.rope_sin.float(), embed, norms,
+                                              projections, model.norm.weight.detach().float(), [spec(model.lm_head)])
     return FUSED[model][1]
 
 

@@ -5,7 +5,8 @@
 // projections, RoPE, the KV-cache writes, attention of each token over its own row's slots up to its own (each
 // row as long as it is, no padding), o, RMSNorm, gate/up, SwiGLU and down; then the final norm and the head for
 // the tokens whose logits are wanted. The weights stay the model's own tensors (fp32, or the quantized layers'
-// int4/int8 blocks), so the numbers are the model's, up to the order of summation. The KV cache is fp32, or
+// int4/int8 blocks), so the numbers are the model's, up to the order of summation; bf16 weights multiply
+// inputs rounded to bf16 (kernels_bf16.cpp), the rest of the pass in fp32. The KV cache is fp32, or
 // (opt-in, --kv-cache-dtype int8) 8 bits a value with one scale per slot and head, which changes the numbers.
 //
 // The loops are written once and compiled per instruction set (the quantized matmuls are kernels.cpp's); the
@@ -261,6 +262,8 @@ struct Linear {
         W.N = a.size(0);
         if (a.scalar_type() == at::kFloat) {
             W.w = a.data_ptr<float>(), W.K = a.size(1);
+        } else if (a.scalar_type() == at::kBFloat16) {
+            W.b = reinterpret_cast<const uint16_t*>(a.data_ptr<at::BFloat16>()), W.K = a.size(1);
         } else if (a.scalar_type() == at::kByte) {
             W.qs = a.data_ptr<uint8_t>(), W.d = scales(b), W.m = scales(c), W.K = a.size(1) * 2;
         } else {
@@ -278,6 +281,11 @@ struct Linear {
         const int64_t K = W.K;
         if (W.w != nullptr) {
             std::copy(W.w + id * K, W.w + (id + 1) * K, out);
+        } else if (W.b != nullptr) {
+            for (int64_t j = 0; j < K; ++j) {
+                const uint32_t bits = uint32_t(W.b[id * K + j]) << 16;
+                std::memcpy(out + j, &bits, 4);
+            }
         } else if (W.qs != nullptr) {
             const int64_t G = K / 32;
             const uint8_t* q = W.qs + id * K / 2;
@@ -335,7 +343,8 @@ class Model {
     // pass runs in one team of threads, which split each phase's work and meet at a barrier between phases.
     at::Tensor forward(const at::Tensor& ids, const at::Tensor& rows, const at::Tensor& positions,
                        const at::Tensor& logits_at, const std::vector<at::Tensor>& k_cache,
-                       const std::vector<at::Tensor>& v_cache, const std::string& isa_name) const {
+                       const std::vector<at::Tensor>& v_cache, const std::string& isa_name,
+                       const std::string& bf16_kernel) const {
         const Isa isa = parse_isa(isa_name);
         if (isa == Isa::avx512_int8) repack();
         const Loops loop = loops_for(isa);
@@ -365,6 +374,7 @@ class Model {
         {
             const int t = omp_get_thread_num(), team = omp_get_num_threads();
             std::vector<float> tile(4 * widest), scores(group * S);
+            std::vector<uint16_t> rounded;  // the bf16 kernels' copy of their input
             auto part = [&](int64_t n, int64_t align) {  // this thread's share of [0, n), in multiples of align
                 const int64_t per = ((n + align - 1) / align + team - 1) / team * align;
                 return std::pair<int64_t, int64_t>(std::min(n, t * per), std::min(n, (t + 1) * per));
@@ -373,7 +383,10 @@ class Model {
                 int64_t offset = 0;
                 for (const Linear& linear : p.parts) {
                     const auto [n0, n1] = part(linear.W.N, 16);  // whole panels of the int8 kernels
-                    matmul_slice(linear.W, in, M, y + offset, p.N, n0, n1, isa, tile.data());
+                    if (linear.W.b != nullptr)
+                        bf16_slice(linear.W, in, M, y + offset, p.N, n0, n1, bf16_kernel, rounded);
+                    else
+                        matmul_slice(linear.W, in, M, y + offset, p.N, n0, n1, isa, tile.data());
                     offset += linear.W.N;
                 }
             };
@@ -455,7 +468,7 @@ class Model {
         if (packed) return;
         auto each = [](Projections& p) {
             for (Linear& linear : p.parts)
-                if (linear.W.w == nullptr) linear.panels = pack_panels(linear.W), linear.W.panels = &linear.panels;
+                if (linear.W.w == nullptr && linear.W.b == nullptr) linear.panels = pack_panels(linear.W), linear.W.panels = &linear.panels;
         };
         for (Layer& layer : layers) {
             each(layer.qkv), each(layer.o), each(layer.gate_up), each(layer.down);
@@ -479,6 +492,8 @@ class Model {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     module.def("isas", &slm::isas, "the instruction sets this CPU can run, best first");
+    module.def("bf16_kernels", &slm::bf16_kernels, "the bf16 kernels this CPU can run, best first");
+    module.def("bf16_linear", &slm::bf16_linear, "x @ w.T for bf16 w, x rounded to bf16 (a kernel by name)");
     pybind11::class_<slm::Model>(module, "Model")
         .def(pybind11::init<int64_t, int64_t, int64_t, double, at::Tensor, at::Tensor, std::vector<at::Tensor>,
                             std::vector<std::vector<at::Tensor>>,

@@ -8,7 +8,7 @@ Three kinds of row:
   decode  generated tokens/s at a fixed batch, in this process, each contender timed in turns: ours with the
           checkpoint's own weights (the GGUF's int4 blocks) through the fused, eager and compiled steps (and the
           fused step with int8 activations, where AVX-512 VNNI runs them), ours in fp32, bf16 and re-quantized
-          int8, transformers fp32; llama.cpp: tg128 (batch 1) or
+          int8 (the last also with int8 activations), transformers fp32; llama.cpp: tg128 (batch 1) or
           llama-batched-bench (more sequences); OpenVINO GenAI (fp16, int8, int4 exports) and vLLM's CPU engine
           (bf16), where `make bench-install` put them, each in its own venv and process.
 """
@@ -102,11 +102,11 @@ def decode_rows(args, prompt: list[int]) -> list[dict]:
                for name, step in (("auto", "fused"), ("auto", "eager"), ("auto", "compiled"), ("fp32", "fused"),
                                   ("int8", "fused"), ("bf16", "eager"))}
         pin = int8_activations()
-        if pin:
-            def int8_fused():
+        for name in ("auto", "int8") if pin else ():  # int4 and int8 weights, each with int8 activations
+            def int8_fused(n=name):
                 with MACHINE.pinned(pin):
-                    ours("auto fused int8-activations", models["auto"], "fused")
-            fns["ours auto fused int8-activations"] = int8_fused
+                    ours(f"{n} fused int8-activations", models[n], "fused")
+            fns[f"ours {name} fused int8-activations"] = int8_fused
         fns["transformers fp32"] = transformers
         seconds, first_call = timed_interleaved(fns, 2 if batch >= 32 else 3)
         tok_s = {k: batch * args.new_tokens / v for k, v in seconds.items()}

@@ -96,9 +96,9 @@ def bench_serve(ckpt_path: str, threads: int, levels: list[int], requests: int =
     """Load on an OpenAI-compatible server over loopback: `requests` chat prompts (every 4th of prompts/chat.txt:
     questions, lists and stories), greedy, streamed, at 1/8/32/64 concurrent clients. Ours (serve.py with no
     flags, 32 rows; and with int8 activations where AVX-512 VNNI runs them), llama-server (-np 32, the same GGUF
-    and threads) and vLLM in the same run. Tokens are counted by
-    re-encoding each answer with the model's tokenizer, the same for all. vLLM's CPU engine (bf16, 32
-    sequences) where `make bench-install` put it."""
+    and threads) and vLLM's CPU engine (bf16, 32 sequences, where `make bench-install` put it), in the same run:
+    all started at once, then each level of clients run on each server in turns. Tokens are counted by
+    re-encoding each answer with the model's tokenizer, the same for all."""
     import asyncio
 
     ckpt = load_checkpoint(ckpt_path, mmap=True)
@@ -110,32 +110,43 @@ def bench_serve(ckpt_path: str, threads: int, levels: list[int], requests: int =
                                    "--batch-size", str(rows)]}
     if int8_activations():
         servers["ours, int8 activations"] = servers["ours (serve.py)"] + ["--machine", int8_activations()]
+        servers["ours, int8 activations"][servers["ours (serve.py)"].index("--port") + 1] = "8934"
     servers |= peer_servers("serve", ckpt_path, threads, rows, 8932, rows * 512)
     out = []
-    for name, command in servers.items():
-        with serving("serve", command, threads) as (base, model):
-            bodies = [b | {"model": model} for b in bodies]
-            asyncio.run(load_test(f"{base}/v1/chat/completions", bodies[:2], 1))  # warm-up
-            for clients in levels:
-                before = engine_time(base) if name.startswith("ours") else None
-                run = asyncio.run(load_test(f"{base}/v1/chat/completions", bodies, clients))
-                done = run["requests"]
-                ttft = [d["stamps"][0] - d["start"] for d in done if d["stamps"]] or [float("nan")]
-                itl = [b - a for d in done for a, b in zip(d["stamps"], d["stamps"][1:])] or [float("nan")]
-                tokens = sum(len(tok.encode(d["text"])) for d in done)
-                errors = [d["error"] or "no text" for d in done if d["error"] or not d["text"]]
-                row = {"server": name, "clients": clients, "requests": len(done), "errors": len(errors),
-                       "error_examples": errors[:3], "wall_s": run["wall_s"], "req_s": len(done) / run["wall_s"],
-                       "tok_s": tokens / run["wall_s"], "completion_tokens": tokens,
-                       "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
-                       "itl_p50_ms": 1e3 * percentile(itl, 0.5), "itl_p99_ms": 1e3 * percentile(itl, 0.99)}
-                if before is not None and clients == 1:
-                    row |= http_cost(before, engine_time(base), done)
-                out.append(row)
-                print(f"serve {name:30} {clients:3} clients: {row['req_s']:5.2f} req/s {row['tok_s']:6.1f} tok/s, "
-                      f"TTFT p50 {row['ttft_p50_s']:.2f} p99 {row['ttft_p99_s']:.2f} s, ITL p50 "
-                      f"{row['itl_p50_ms']:.0f} p99 {row['itl_p99_ms']:.0f} ms, {row['errors']} errors")
+    with contextlib.ExitStack() as stack:  # every server up at once, each level in turns: drift hits all alike
+        started = {name: stack.enter_context(serving("serve", command, threads))
+                   for name, command in servers.items()}
+        for base, model in started.values():
+            asyncio.run(load_test(f"{base}/v1/chat/completions", [b | {"model": model} for b in bodies[:2]], 1))
+        for clients in levels:
+            for name, (base, model) in started.items():
+                out.append(load_level(name, base, [b | {"model": model} for b in bodies], clients, tok))
     return out
+
+
+def load_level(name: str, base: str, bodies: list[dict], clients: int, tok) -> dict:
+    """One server at one level of clients: throughput, TTFT and inter-token latency; at one client, for ours,
+    what serving costs on top of the engine."""
+    import asyncio
+
+    before = engine_time(base) if name.startswith("ours") else None
+    run = asyncio.run(load_test(f"{base}/v1/chat/completions", bodies, clients))
+    done = run["requests"]
+    ttft = [d["stamps"][0] - d["start"] for d in done if d["stamps"]] or [float("nan")]
+    itl = [b - a for d in done for a, b in zip(d["stamps"], d["stamps"][1:])] or [float("nan")]
+    tokens = sum(len(tok.encode(d["text"])) for d in done)
+    errors = [d["error"] or "no text" for d in done if d["error"] or not d["text"]]
+    row = {"server": name, "clients": clients, "requests": len(done), "errors": len(errors),
+           "error_examples": errors[:3], "wall_s": run["wall_s"], "req_s": len(done) / run["wall_s"],
+           "tok_s": tokens / run["wall_s"], "completion_tokens": tokens,
+           "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
+           "itl_p50_ms": 1e3 * percentile(itl, 0.5), "itl_p99_ms": 1e3 * percentile(itl, 0.99)}
+    if before is not None and clients == 1:
+        row |= http_cost(before, engine_time(base), done)
+    print(f"serve {name:30} {clients:3} clients: {row['req_s']:5.2f} req/s {row['tok_s']:6.1f} tok/s, "
+          f"TTFT p50 {row['ttft_p50_s']:.2f} p99 {row['ttft_p99_s']:.2f} s, ITL p50 "
+          f"{row['itl_p50_ms']:.0f} p99 {row['itl_p99_ms']:.0f} ms, {row['errors']} errors")
+    return row
 
 
 def engine_time(base: str) -> dict:
@@ -147,14 +158,15 @@ def engine_time(base: str) -> dict:
 
 
 def http_cost(before: dict, after: dict, done: list[dict]) -> dict:
-    """At one client, each answer's first piece to its last spans its decode passes and whatever else the
-    server does between them (HTTP, the event loop, the client on the same cores): the share of that span not
-    spent in the engine's passes is what serving costs on top of the engine."""
+    """At one client, each answer's first piece to its last spans the engine's steps that made its tokens (each
+    whole: schedule, pass, sampling, detokenizing) and whatever else the server does between them (HTTP, the
+    event loop, the client on the same cores): the share of that span not spent in the engine's steps is what
+    serving costs on top of the engine."""
     engine_s = after["seconds"] - before["seconds"]
     span_s = sum(d["stamps"][-1] - d["stamps"][0] for d in done if len(d["stamps"]) > 1)
     steps = after["steps"] - before["steps"]
     cost = {"engine_step_ms": 1e3 * engine_s / max(1, steps), "http_share": 1 - engine_s / span_s}
-    print(f"serve: one client: the engine's pass {cost['engine_step_ms']:.2f} ms; serving costs "
+    print(f"serve: one client: the engine's step {cost['engine_step_ms']:.2f} ms; serving costs "
           f"{100 * cost['http_share']:.1f}% of the time between tokens")
     return cost
 
