@@ -89,8 +89,8 @@ def quant_ops():
     root = Path(__file__).resolve().parent
     if not any(build.glob("*.so")):
         print("building kernels.cpp and step.cpp for this machine (once, about a minute)...", file=sys.stderr)
-    module = load(name="slm_kernels", sources=[str(root / n) for n in ("kernels.cpp", "kernels_int16.cpp",
-                                                                    "kernels_int8.cpp", "kernels_bf16.cpp", "step.cpp")],
+    sources = ("kernels.cpp", "kernels_int16.cpp", "kernels_int8.cpp", "kernels_bf16.cpp", "step.cpp")
+    module = load(name="slm_kernels", sources=[str(root / n) for n in sources],
                   build_directory=str(build), extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
                   extra_include_paths=[str(root)], verbose=False)
     # output shapes, for torch.compile

@@ -20,8 +20,16 @@ from dataclasses import dataclass, field
 import torch
 
 from config import STEPS
-from layers import (QuantEmbedding, QuantLinear, bf16_kernel, dense_min_rows, int16_kernel, int16_rows, quant_kernel,
-                    quant_ops)
+from layers import (
+    QuantEmbedding,
+    QuantLinear,
+    bf16_kernel,
+    dense_min_rows,
+    int16_kernel,
+    int16_rows,
+    quant_kernel,
+    quant_ops,
+)
 from model import GPT, Decode, Prefill
 from scheduler import Batch, Sequence
 

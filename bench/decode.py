@@ -7,10 +7,11 @@ Three kinds of row:
           The same with --step compiled, whose first-ever compile and warm start are reported apart.
   decode  generated tokens/s at a fixed batch, in this process, each contender timed in turns: ours with the
           checkpoint's own weights (the GGUF's int4 blocks) through the fused, eager and compiled steps (and the
-          fused step with int8 activations, where AVX-512 VNNI runs them), ours in fp32, bf16 and re-quantized
-          int8 (the last also with int8 activations), transformers fp32; llama.cpp: tg128 (batch 1) or
-          llama-batched-bench (more sequences); OpenVINO GenAI (fp16, int8, int4 exports) and vLLM's CPU engine
-          (bf16), where `make bench-install` put them, each in its own venv and process.
+          fused step with int8 activations, where AVX-512 VNNI runs them), ours in fp32, bf16 (eager, and fused
+          where AVX-512 BF16 runs it) and re-quantized int8 (also with int8 activations), transformers fp32;
+          llama.cpp: tg128 (batch 1) or llama-batched-bench (more sequences); OpenVINO GenAI (fp16, int8, int4
+          exports) and vLLM's CPU engine (bf16), where `make bench-install` put them, each in its own venv and
+          process.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from bench.common import (
 )
 from checkpoint import config_and_tokenizer, load_checkpoint, load_model
 from engine import generate
+from layers import bf16_kernel
 from machine import MACHINE
 
 
@@ -100,7 +102,8 @@ def decode_rows(args, prompt: list[int]) -> list[dict]:
                              do_sample=False, pad_token_id=0)
         fns = {f"ours {name} {step}": (lambda n=name, m=models[name], s=step: ours(f"{n} {s}", m, s))
                for name, step in (("auto", "fused"), ("auto", "eager"), ("auto", "compiled"), ("fp32", "fused"),
-                                  ("int8", "fused"), ("bf16", "eager"))}
+                                  ("int8", "fused"), ("bf16", "eager"),
+                                  *([("bf16", "fused")] if bf16_kernel() != "none" else []))}
         pin = int8_activations()
         for name in ("auto", "int8") if pin else ():  # int4 and int8 weights, each with int8 activations
             def int8_fused(n=name):

@@ -104,6 +104,44 @@ def test_fused_step_with_int8_activations_equals_the_eager_pass_on_the_same_kern
         assert (got - want).abs().max() * 10 < (exact - want).abs().max(), isa
 
 
+def test_fused_step_of_a_bf16_model_equals_fp32_with_its_matmul_inputs_rounded_to_bf16(machine):
+    """A bf16 model (--dtype bf16) in the fused step, each bf16 kernel this CPU has pinned in turn: its logits on a
+    ragged pass equal an fp32 model holding the same (widened) weights whose every matmul input is rounded to
+    bf16 first, the reference written in torch (1e-4 of the largest logit), and the runner ran the fused step.
+    With bf16_kernel=none the model takes the eager step, as before."""
+    from layers import quant_ops
+    from runner import ModelRunner
+    from scheduler import Batch
+
+    torch.manual_seed(0)
+    model = GPT(small_config(vocab_size=128, d_model=64, ffn_hidden=96, init_std=0.2)).eval().bfloat16()
+    reference = GPT(model.config).eval()
+    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    for module in reference.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(lambda _, args: (args[0].bfloat16().float(),))
+    reference.rope_cos, reference.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+    prompts = [torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 7, 5)]
+    first = Batch(chunks=[(0, 0, prompts[0]), (2, 0, prompts[2])], decode=[], sampled=[], span=3, length=5)
+    second = Batch(chunks=[(1, 0, prompts[1])], decode=[(9, 3), (0, 0), (4, 5)], sampled=[0, 2], span=3, length=7)
+
+    def logits(m: GPT, step: str = "auto") -> tuple[str, torch.Tensor]:
+        runner = ModelRunner(m, rows=3, max_len=16, step=step)
+        with torch.no_grad():
+            runner.forward(first, [None] * 3)
+            out = runner.forward(second, [None] * 3)
+        return runner.step, torch.cat([out.decode, out.chunks]).float()
+
+    want = logits(reference, "eager")[1]  # the hooks run in the eager pass, module by module
+    for kernel in quant_ops().bf16_kernels():
+        machine.pin(f"bf16_kernel={kernel}")
+        step, got = logits(model)
+        assert step == "fused", kernel
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max(), kernel
+    machine.pin("bf16_kernel=none")
+    assert logits(model)[0] == "eager"
+
+
 def test_passes_of_a_few_tokens_take_the_int16_kernels_and_drafts_go_with_their_row(machine, monkeypatch):
     """With int16_rows pinned at 2, a pass of up to 2 decode and prompt tokens runs the int16 kernels, a larger
     one the exact ones, and a row's draft tokens do not count: a verify pass runs what its decode token would."""
@@ -118,7 +156,7 @@ def test_passes_of_a_few_tokens_take_the_int16_kernels_and_drafts_go_with_their_
     model = quantize_model(GPT(small_config(vocab_size=128, d_model=64, ffn_hidden=96)).eval(), "int4")
     runner = ModelRunner(model, rows=3, max_len=16, step="fused")
     ran, forward = [], runner.fused.forward
-    monkeypatch.setattr(runner, "fused", type("Spy", (), {"forward": lambda self, *a: ran.append(a[-1]) or
+    monkeypatch.setattr(runner, "fused", type("Spy", (), {"forward": lambda self, *a: ran.append(a[-2]) or
                                                           forward(*a)})())
     with torch.no_grad():
         runner.forward(Batch([(0, 0, [1, 2])], [], [], 1, 2), [None] * 3)                 # 2 prompt tokens
