@@ -67,17 +67,16 @@ SLM_BF16 void block(const uint16_t* w, const uint16_t* x, int64_t K, float* y, i
         for (int j = 0; j < RB; ++j) y[j * ldy + n + i] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
-template <int NB>
 SLM_BF16 void rows_avx512(const uint16_t* w, const uint16_t* x, int64_t M, int64_t K, float* y, int64_t ldy,
                           int64_t n) {
     int64_t r = 0;  // six rows at a time: 24 sums, 4 weight vectors and a row's vector fill the 32 registers
-    for (; r + 6 <= M; r += 6) block<NB, 6>(w, x + r * K, K, y + r * ldy, ldy, n);
+    for (; r + 6 <= M; r += 6) block<4, 6>(w, x + r * K, K, y + r * ldy, ldy, n);
     switch (M - r) {
-        case 5: return block<NB, 5>(w, x + r * K, K, y + r * ldy, ldy, n);
-        case 4: return block<NB, 4>(w, x + r * K, K, y + r * ldy, ldy, n);
-        case 3: return block<NB, 3>(w, x + r * K, K, y + r * ldy, ldy, n);
-        case 2: return block<NB, 2>(w, x + r * K, K, y + r * ldy, ldy, n);
-        case 1: return block<NB, 1>(w, x + r * K, K, y + r * ldy, ldy, n);
+        case 5: return block<4, 5>(w, x + r * K, K, y + r * ldy, ldy, n);
+        case 4: return block<4, 4>(w, x + r * K, K, y + r * ldy, ldy, n);
+        case 3: return block<4, 3>(w, x + r * K, K, y + r * ldy, ldy, n);
+        case 2: return block<4, 2>(w, x + r * K, K, y + r * ldy, ldy, n);
+        case 1: return block<4, 1>(w, x + r * K, K, y + r * ldy, ldy, n);
         default: return;
     }
 }
@@ -111,9 +110,11 @@ void bf16_slice(const Weights& W, const float* x, int64_t M, float* y, int64_t l
     to_bf16_avx512(x, M * K, xb.data());
     int64_t n = n0;
     if (M <= 2)  // eight outputs at a time: enough sums in flight to cover the instruction's latency
-        for (; n + 8 <= n1; n += 8) rows_avx512<8>(W.b, xb.data(), M, K, y, ldy, n);
-    for (; n + 4 <= n1; n += 4) rows_avx512<4>(W.b, xb.data(), M, K, y, ldy, n);
-    for (; n < n1; ++n) rows_avx512<1>(W.b, xb.data(), M, K, y, ldy, n);
+        for (; n + 8 <= n1; n += 8)
+            M == 1 ? block<8, 1>(W.b, xb.data(), K, y, ldy, n) : block<8, 2>(W.b, xb.data(), K, y, ldy, n);
+    for (; n + 4 <= n1; n += 4) rows_avx512(W.b, xb.data(), M, K, y, ldy, n);
+    for (; n < n1; ++n)  // the last few outputs, one at a time, every row
+        for (int64_t r = 0; r < M; ++r) block<1, 1>(W.b, xb.data() + r * K, K, y + r * ldy, ldy, n);
 }
 
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const std::string& kernel) {
