@@ -106,7 +106,7 @@ class ModelRunner:
             raise ValueError(f"step must be one of {', '.join(STEPS)}, not {step!r}")
         if step == "fused" and not fused_runs(model):
             raise ValueError("the fused step runs plain Llama models (no config levers) on the CPU with fp32 or "
-                             "int8/int4 weights; use --step eager")
+                             "int8/int4 weights, or bf16 ones where the CPU has AVX-512 BF16; use --step eager")
         self.model, self.rows, self.max_len, self.use_cache = model, rows, max_len, use_cache
         self.device = model.rope_cos.device
         self.step = "recompute" if not use_cache else ("fused" if fused_runs(model) else "eager") if step == "auto" \
