@@ -60,6 +60,14 @@ inline float to_float(half h) {
     return value;
 }
 
+// bf16 to fp32 (exact: the upper half of an fp32).
+inline float from_bf16(uint16_t h) {
+    const uint32_t bits = uint32_t(h) << 16;
+    float value;
+    std::memcpy(&value, &bits, 4);
+    return value;
+}
+
 // y[r * ldy + n] = sum_k x[r * K + k] * W[n, k] for r < M and n in [n0, n1), on the calling thread alone:
 // callers split the outputs between threads in multiples of 4. tile: scratch of 4 * K floats.
 void matmul_slice(const Weights& W, const float* x, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1,

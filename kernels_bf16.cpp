@@ -14,18 +14,11 @@
 namespace slm {
 namespace {
 
-// fp32 to bf16, to nearest with ties to even (finite values: activations), and back (exact).
+// fp32 to bf16, to nearest with ties to even (finite values: activations).
 inline uint16_t to_bf16(float f) {
     uint32_t bits;
     std::memcpy(&bits, &f, 4);
     return uint16_t((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
-}
-
-inline float from_bf16(uint16_t h) {
-    const uint32_t bits = uint32_t(h) << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
 }
 
 // Products of two bf16 numbers are exact in fp32 (8-bit significands), so only the order of summation differs

@@ -282,10 +282,7 @@ struct Linear {
         if (W.w != nullptr) {
             std::copy(W.w + id * K, W.w + (id + 1) * K, out);
         } else if (W.b != nullptr) {
-            for (int64_t j = 0; j < K; ++j) {
-                const uint32_t bits = uint32_t(W.b[id * K + j]) << 16;
-                std::memcpy(out + j, &bits, 4);
-            }
+            for (int64_t j = 0; j < K; ++j) out[j] = from_bf16(W.b[id * K + j]);
         } else if (W.qs != nullptr) {
             const int64_t G = K / 32;
             const uint8_t* q = W.qs + id * K / 2;
@@ -468,7 +465,8 @@ class Model {
         if (packed) return;
         auto each = [](Projections& p) {
             for (Linear& linear : p.parts)
-                if (linear.W.w == nullptr && linear.W.b == nullptr) linear.panels = pack_panels(linear.W), linear.W.panels = &linear.panels;
+                if (linear.W.w == nullptr && linear.W.b == nullptr)  // int4/int8 weights only
+                    linear.panels = pack_panels(linear.W), linear.W.panels = &linear.panels;
         };
         for (Layer& layer : layers) {
             each(layer.qkv), each(layer.o), each(layer.gate_up), each(layer.down);

@@ -106,11 +106,10 @@ def bench_serve(ckpt_path: str, threads: int, levels: list[int], requests: int =
     texts = CHAT_PROMPTS.read_text().splitlines()[::4][:requests]
     bodies = [{"messages": [{"role": "user", "content": t}], "max_tokens": max_tokens,
                "temperature": 0, "stream": True} for t in texts]
-    servers = {"ours (serve.py)": [sys.executable, "serve.py", "--checkpoint", ckpt_path, "--port", "8931",
-                                   "--batch-size", str(rows)]}
+    ours = [sys.executable, "serve.py", "--checkpoint", ckpt_path, "--batch-size", str(rows), "--port"]
+    servers = {"ours (serve.py)": [*ours, "8931"]}
     if int8_activations():
-        servers["ours, int8 activations"] = servers["ours (serve.py)"] + ["--machine", int8_activations()]
-        servers["ours, int8 activations"][servers["ours (serve.py)"].index("--port") + 1] = "8934"
+        servers["ours, int8 activations"] = [*ours, "8934", "--machine", int8_activations()]
     servers |= peer_servers("serve", ckpt_path, threads, rows, 8932, rows * 512)
     out = []
     with contextlib.ExitStack() as stack:  # every server up at once, each level in turns: drift hits all alike
