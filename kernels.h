@@ -33,6 +33,7 @@ struct Weights {
     const int8_t* q = nullptr;
     const half *d = nullptr, *m = nullptr, *s = nullptr;
     const uint16_t* b = nullptr;
+    const uint16_t* bp = nullptr;  // b's panels for the AVX-512 kernel (pack_bf16_panels)
     int64_t groups = 0, N = 0, K = 0;
     const Panels* panels = nullptr;  // the int8 kernels' repacked copy, where the caller made one (pack_panels)
 };
@@ -81,7 +82,8 @@ void int8_slice(const Weights& W, const float* x, int64_t M, float* y, int64_t l
 
 // The bf16 kernels (kernels_bf16.cpp): "avx512-bf16" where this CPU has it, and "plain-bf16" anywhere.
 std::vector<std::string> bf16_kernels();
-// x is rounded to bf16 into xb (scratch) first.
+std::vector<uint16_t> pack_bf16_panels(const Weights& W);  // W.b, as the AVX-512 kernel reads it (W.bp)
+// x is rounded to bf16 into xb (scratch) first; the AVX-512 kernel reads W.bp, in whole panels from n0.
 void bf16_slice(const Weights& W, const float* x, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1,
                 const std::string& kernel, std::vector<uint16_t>& xb);
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const std::string& kernel);

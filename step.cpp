@@ -256,6 +256,7 @@ struct Linear {
     at::Tensor a, b, c;  // held, so that the pointers in W stay valid
     Weights W;
     Panels panels;       // the int8 kernels' copy of quantized weights, made at their first use
+    std::vector<uint16_t> bf16_panels;  // the AVX-512 bf16 kernel's copy of bf16 weights, likewise
 
     explicit Linear(const std::vector<at::Tensor>& t) : a(t.at(0)), b(t.at(1)), c(t.at(2)) {
         TORCH_CHECK(a.is_contiguous() && a.device().is_cpu(), "weights must be contiguous CPU tensors");
@@ -343,7 +344,7 @@ class Model {
                        const std::vector<at::Tensor>& v_cache, const std::string& isa_name,
                        const std::string& bf16_kernel) const {
         const Isa isa = parse_isa(isa_name);
-        if (isa == Isa::avx512_int8) repack();
+        repack(isa == Isa::avx512_int8, bf16_kernel == "avx512-bf16");
         const Loops loop = loops_for(isa);
         const int64_t N = ids.size(0), L = logits_at.size(0), D = embed.W.K, S = k_cache.at(0).size(2);
         const int64_t* id = ids.data_ptr<int64_t>();
@@ -458,21 +459,23 @@ class Model {
     }
 
   private:
-    // The int8 kernels' panels of every quantized weight, made once (about 0.9 bytes a weight beside the model's
-    // own 0.6), under a lock: two engines may share a model.
-    void repack() const {
+    // The kernels' panels, made once at their first use, under a lock (two engines may share a model): the int8
+    // kernels' of every quantized weight (about 0.9 bytes a weight beside the model's own 0.6), the bf16 kernel's
+    // of every bf16 one (a second copy).
+    void repack(bool int8, bool bf16) const {
+        if (!int8 && !bf16) return;
         std::lock_guard<std::mutex> hold(packing);
-        if (packed) return;
-        auto each = [](Projections& p) {
+        auto each = [&](Projections& p) {
             for (Linear& linear : p.parts)
-                if (linear.W.w == nullptr && linear.W.b == nullptr)  // int4/int8 weights only
+                if (int8 && linear.W.b == nullptr && linear.W.w == nullptr && linear.W.panels == nullptr)
                     linear.panels = pack_panels(linear.W), linear.W.panels = &linear.panels;
+                else if (bf16 && linear.W.b != nullptr && linear.W.bp == nullptr)
+                    linear.bf16_panels = pack_bf16_panels(linear.W), linear.W.bp = linear.bf16_panels.data();
         };
         for (Layer& layer : layers) {
             each(layer.qkv), each(layer.o), each(layer.gate_up), each(layer.down);
         }
         each(head);
-        packed = true;
     }
 
     int64_t H, Hkv, hd;
@@ -483,7 +486,6 @@ class Model {
     at::Tensor norm;
     mutable Projections head;
     mutable std::mutex packing;
-    mutable bool packed = false;
 };
 
 }  // namespace slm

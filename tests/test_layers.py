@@ -186,11 +186,11 @@ def test_int8_kernels_round_activations_to_8_bits_per_group(layout, rows):
 @pytest.mark.parametrize("rows", [1, 2, 7, 13])
 def test_bf16_kernels_multiply_inputs_rounded_to_bf16(rows):
     """The fused step's bf16 kernels (vdpbf16ps, and the plain loops any CPU runs) equal x rounded to bf16 times
-    the bf16 weights in float64, over output counts that leave part of an 8- and a 4-output block and rows that
-    take each row block (6, then 1 to 5, or 8 outputs for one or two rows); and the rounding is really there:
-    the product with fp32 inputs is 10x further away."""
+    the bf16 weights in float64, over 29 panels of 16 outputs (the last one partial), which each thread's share
+    takes as groups of 8 (one or two rows), 4 and 1 panels, and rows that take each row block (6, then 1 to 5);
+    and the rounding is really there: the product with fp32 inputs is 10x further away."""
     g = torch.Generator().manual_seed(rows)
-    w, x = torch.randn(203, 96, generator=g).bfloat16(), torch.randn(rows, 96, generator=g)
+    w, x = torch.randn(459, 96, generator=g).bfloat16(), torch.randn(rows, 96, generator=g)
     want, exact = F.linear(x.bfloat16().double(), w.double()), F.linear(x.double(), w.double())
     kernels = layers.quant_ops().bf16_kernels()
     assert "plain-bf16" in kernels
