@@ -13,6 +13,7 @@ from pathlib import Path
 from bench import llama, peers
 from bench.common import CHAT_PROMPTS, int8_activations, percentile, start_server
 from checkpoint import config_and_tokenizer, load_checkpoint
+from layers import bf16_kernel
 
 
 async def load_test(url: str, bodies: list[dict], clients: int) -> dict:
@@ -95,7 +96,8 @@ def bench_serve(ckpt_path: str, threads: int, levels: list[int], requests: int =
                 rows: int = 32) -> list[dict]:
     """Load on an OpenAI-compatible server over loopback: `requests` chat prompts (every 4th of prompts/chat.txt:
     questions, lists and stories), greedy, streamed, at 1/8/32/64 concurrent clients. Ours (serve.py with no
-    flags, 32 rows; and with int8 activations where AVX-512 VNNI runs them), llama-server (-np 32, the same GGUF
+    flags, 32 rows; with int8 activations where AVX-512 VNNI runs them; with bf16 weights where the fused step
+    runs them on AVX-512 BF16), llama-server (-np 32, the same GGUF
     and threads) and vLLM's CPU engine (bf16, 32 sequences, where `make bench-install` put it), in the same run:
     all started at once, then each level of clients run on each server in turns. Tokens are counted by
     re-encoding each answer with the model's tokenizer, the same for all."""
@@ -110,6 +112,8 @@ def bench_serve(ckpt_path: str, threads: int, levels: list[int], requests: int =
     servers = {"ours (serve.py)": [*ours, "8931"]}
     if int8_activations():
         servers["ours, int8 activations"] = [*ours, "8934", "--machine", int8_activations()]
+    if bf16_kernel() != "none":
+        servers["ours, bf16"] = [*ours, "8935", "--dtype", "bf16", "--quantize", "none"]
     servers |= peer_servers("serve", ckpt_path, threads, rows, 8932, rows * 512)
     out = []
     with contextlib.ExitStack() as stack:  # every server up at once, each level in turns: drift hits all alike
