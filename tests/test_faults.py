@@ -25,7 +25,7 @@ def train_cmd(tok_path, out_dir, *extra):
 
 
 def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tok_path, tmp_path):
-    steps = str(40 * KILLS)  # enough steps that every kill lands mid-run
+    steps = str(20 * KILLS)  # enough steps that every kill lands mid-run (an attempt lasts a few steps)
     straight = subprocess.run(train_cmd(tok_path, tmp_path / "straight", "--max-steps", steps),
                               cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-2000:]
