@@ -124,6 +124,10 @@ def bench_serve(ckpt_path: str, threads: int, levels: list[int], requests: int =
         for clients in levels:
             for name, (base, model) in started.items():
                 out.append(load_level(name, base, [b | {"model": model} for b in bodies], clients, tok))
+        if 1 in levels:
+            base, model = started["ours (serve.py)"]
+            cost = cost_in_turns(ckpt_path, base, [b | {"model": model} for b in bodies[:8]], tok)
+            next(r for r in out if r["server"] == "ours (serve.py)" and r["clients"] == 1).update(cost)
     return out
 
 
@@ -172,6 +176,46 @@ def http_cost(before: dict, after: dict, done: list[dict]) -> dict:
     print(f"serve: one client: the engine's step {cost['engine_step_ms']:.2f} ms; serving costs "
           f"{100 * cost['http_share']:.1f}% of the time between tokens")
     return cost
+
+
+def cost_in_turns(ckpt_path: str, base: str, bodies: list[dict], tok, rounds: int = 4) -> dict:
+    """At one client, all that serving costs, inside the engine's steps too (the GIL and the cores shared with
+    the event loop and the client): the same chat answers from an engine in this process, set up as serve.py's
+    (32 rows, its prefix cache), and from the server, one request at a time in turns (each idle while the other
+    runs), as the mean time between streamed pieces."""
+    import argparse
+    import asyncio
+
+    from checkpoint import load_model
+    from config import add_inference_args
+    from engine import Engine
+    from scheduler import Request
+
+    model, _ = load_model(ckpt_path)
+    serve_args = argparse.ArgumentParser()
+    add_inference_args(serve_args)
+    gaps: dict[str, list[float]] = {"here": [], "server": []}
+
+    def gap(stamps: list[float]) -> None | float:
+        return (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None
+
+    for _ in range(rounds):
+        for body in bodies:
+            ids = tok.encode(tok.apply_chat_template(body["messages"]))
+            stamps: list[float] = []
+            request = Request(ids, body["max_tokens"], on_text=lambda _, s=stamps: s.append(time.perf_counter()))
+            engine = Engine(model, rows=32, max_len=len(ids) + body["max_tokens"], tokenizer=tok,
+                            prefix_cache_mb=serve_args.get_default("prefix_cache_mb"))
+            for _ in engine.run([request]):
+                pass
+            done = asyncio.run(load_test(f"{base}/v1/chat/completions", [body], 1))["requests"][0]
+            for key, times in (("here", stamps), ("server", done["stamps"])):
+                if gap(times) is not None:
+                    gaps[key].append(gap(times))
+    here, there = (1e3 * sum(g) / len(g) for g in gaps.values())
+    print(f"serve: one client, in turns: {there:.2f} ms between pieces from the server, {here:.2f} from an engine "
+          f"in this process: serving costs {100 * (there / here - 1):.1f}%")
+    return {"in_turns_server_ms": there, "in_turns_engine_ms": here, "in_turns_cost": there / here - 1}
 
 
 def run(args) -> list[dict]:
