@@ -1,5 +1,6 @@
-"""The opt-in int8 paths against the exact ones, in the same run: the 8-bit KV cache (--kv-cache-dtype int8),
-int8 activations (--machine quant_kernel=avx512-int8, where AVX-512 VNNI runs them) and both. A decode step's
+"""The opt-in paths that change the numbers against the exact ones, in the same run: the 8-bit KV cache
+(--kv-cache-dtype int8), int8 activations (--machine quant_kernel=avx512-int8, where AVX-512 VNNI runs them),
+both, and bf16 weights (--dtype bf16 --quantize none, where the fused step runs them on AVX-512 BF16). A decode step's
 time where the cache is short and where it is long, the cache's memory, greedy agreement with the exact path,
 and the cost in bits per byte on held-out text."""
 from __future__ import annotations
@@ -16,24 +17,31 @@ import data
 from bench.common import CHAT_PROMPTS, int8_activations, named_bars, row_differences
 from checkpoint import load_model
 from engine import Engine, Request
+from layers import bf16_kernel
 from machine import MACHINE
 
 
-def variants() -> dict[str, tuple[str, str | None]]:
-    """name: (the KV cache's dtype, the machine pin of the kernels), the exact path first."""
-    out = {"exact": ("auto", None), "int8 KV cache": ("int8", None)}
+def variants() -> dict[str, tuple[str, str, str | None]]:
+    """name: (the weights, the KV cache's dtype, the machine pin of the kernels), the exact path first."""
+    out = {"exact": ("default", "auto", None), "int8 KV cache": ("default", "int8", None)}
     if int8_activations():
-        out |= {"int8 activations": ("auto", int8_activations()), "both": ("int8", int8_activations())}
+        out |= {"int8 activations": ("default", "auto", int8_activations()),
+                "both": ("default", "int8", int8_activations())}
+    if bf16_kernel() != "none":
+        out["bf16 weights"] = ("bf16", "auto", None)
     return out
 
 
 def bench_int8(ckpt_path: str, new_tokens: int = 128, scored_windows: int = 16) -> list[dict]:
-    """Each variant on the checkpoint's default weights and step. Speed: a 16-row decode step once every row
-    holds 128 or 1,024 slots (random prompt tokens, the prompts' pass not timed), and a 32-row one at 128.
+    """Each variant on the checkpoint's default weights (or bf16 ones) and step. Speed: a 16-row decode step once
+    every row holds 128 or 1,024 slots (random prompt tokens, the prompts' pass not timed), and a 32-row one at 128.
     Greedy agreement: 32 chat prompts, 128 new tokens, end of text ignored. Then bits per byte of
     `scored_windows` 512-token windows of Hamlet and The Tempest, scored by the engine's own prompt pass (echo),
     so that every token attends over the cache it wrote, through the kernels of a many-token pass."""
     model, tok = load_model(ckpt_path)
+    models = {"default": model}
+    if any(weights == "bf16" for weights, _, _ in variants().values()):
+        models["bf16"] = load_model(ckpt_path, dtype="bf16", quantize="none")[0]
     tokens_dir = Path("data") / f"shakespeare-{data.tokenizer_hash(tok)}"
     meta = data.prepare("shakespeare", tok, tokens_dir, splits=("val",))
     text = np.concatenate(data.load_shards(tokens_dir, meta, "val"))
@@ -43,9 +51,9 @@ def bench_int8(ckpt_path: str, new_tokens: int = 128, scored_windows: int = 16) 
 
     rows = []
     for batch, slots in ((16, 128), (16, 1024), (32, 128)):
-        for name, (dtype, pin) in variants().items():
+        for name, (weights, dtype, pin) in variants().items():
             with pinned(pin):
-                engine = Engine(model, rows=batch, max_len=slots + 32, kv_cache_dtype=dtype,
+                engine = Engine(models[weights], rows=batch, max_len=slots + 32, kv_cache_dtype=dtype,
                                 prefill_tokens=batch * slots)
                 g = torch.Generator().manual_seed(slots)
                 for _ in range(batch):
@@ -65,9 +73,10 @@ def bench_int8(ckpt_path: str, new_tokens: int = 128, scored_windows: int = 16) 
     chat = [tok.encode(tok.apply_chat_template([{"role": "user", "content": t}]))
             for t in CHAT_PROMPTS.read_text().splitlines()[:32]]
     greedy = {}
-    for name, (dtype, pin) in variants().items():
+    for name, (weights, dtype, pin) in variants().items():
         with pinned(pin):
-            engine = Engine(model, rows=32, max_len=max(map(len, chat)) + new_tokens, kv_cache_dtype=dtype)
+            engine = Engine(models[weights], rows=32, max_len=max(map(len, chat)) + new_tokens,
+                            kv_cache_dtype=dtype)
             requests = [Request(p, new_tokens, ignore_eos=True) for p in chat]
             for _ in engine.run(requests):
                 pass
@@ -80,9 +89,9 @@ def bench_int8(ckpt_path: str, new_tokens: int = 128, scored_windows: int = 16) 
                   f"{new_tokens} (32 chat prompts)")
     lengths = data.token_byte_lengths(tok)
     windows = [text[i * 512:(i + 1) * 512].tolist() for i in range(16, 16 + scored_windows)]
-    for name, (dtype, pin) in variants().items():
+    for name, (weights, dtype, pin) in variants().items():
         with pinned(pin):
-            engine = Engine(model, rows=8, max_len=513, tokenizer=tok, kv_cache_dtype=dtype)
+            engine = Engine(models[weights], rows=8, max_len=513, tokenizer=tok, kv_cache_dtype=dtype)
             requests = [Request(w, 1, logprobs=0, echo=True) for w in windows]
             t0 = time.perf_counter()
             for _ in engine.run(requests):
