@@ -465,17 +465,21 @@ class Model {
     void repack(bool int8, bool bf16) const {
         if (!int8 && !bf16) return;
         std::lock_guard<std::mutex> hold(packing);
+        int8 = int8 && !int8_packed, bf16 = bf16 && !bf16_packed;
         auto each = [&](Projections& p) {
             for (Linear& linear : p.parts)
-                if (int8 && linear.W.b == nullptr && linear.W.w == nullptr && linear.W.panels == nullptr)
+                if (int8 && linear.W.b == nullptr && linear.W.w == nullptr)
                     linear.panels = pack_panels(linear.W), linear.W.panels = &linear.panels;
-                else if (bf16 && linear.W.b != nullptr && linear.W.bp == nullptr)
+                else if (bf16 && linear.W.b != nullptr)
                     linear.bf16_panels = pack_bf16_panels(linear.W), linear.W.bp = linear.bf16_panels.data();
         };
-        for (Layer& layer : layers) {
-            each(layer.qkv), each(layer.o), each(layer.gate_up), each(layer.down);
+        if (int8 || bf16) {
+            for (Layer& layer : layers) {
+                each(layer.qkv), each(layer.o), each(layer.gate_up), each(layer.down);
+            }
+            each(head);
         }
-        each(head);
+        int8_packed |= int8, bf16_packed |= bf16;
     }
 
     int64_t H, Hkv, hd;
@@ -486,6 +490,7 @@ class Model {
     at::Tensor norm;
     mutable Projections head;
     mutable std::mutex packing;
+    mutable bool int8_packed = false, bf16_packed = false;
 };
 
 }  // namespace slm
