@@ -466,6 +466,7 @@ class Model {
         if (!int8 && !bf16) return;
         std::lock_guard<std::mutex> hold(packing);
         int8 = int8 && !int8_packed, bf16 = bf16 && !bf16_packed;
+        if (!int8 && !bf16) return;
         auto each = [&](Projections& p) {
             for (Linear& linear : p.parts)
                 if (int8 && linear.W.b == nullptr && linear.W.w == nullptr)
@@ -473,12 +474,10 @@ class Model {
                 else if (bf16 && linear.W.b != nullptr)
                     linear.bf16_panels = pack_bf16_panels(linear.W), linear.W.bp = linear.bf16_panels.data();
         };
-        if (int8 || bf16) {
-            for (Layer& layer : layers) {
-                each(layer.qkv), each(layer.o), each(layer.gate_up), each(layer.down);
-            }
-            each(head);
+        for (Layer& layer : layers) {
+            each(layer.qkv), each(layer.o), each(layer.gate_up), each(layer.down);
         }
+        each(head);
         int8_packed |= int8, bf16_packed |= bf16;
     }
 

@@ -195,10 +195,6 @@ def cost_in_turns(ckpt_path: str, base: str, bodies: list[dict], tok, rounds: in
     serve_args = argparse.ArgumentParser()
     add_inference_args(serve_args)
     gaps: dict[str, list[float]] = {"here": [], "server": []}
-
-    def gap(stamps: list[float]) -> None | float:
-        return (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None
-
     for _ in range(rounds):
         for body in bodies:
             ids = tok.encode(tok.apply_chat_template(body["messages"]))
@@ -210,8 +206,8 @@ def cost_in_turns(ckpt_path: str, base: str, bodies: list[dict], tok, rounds: in
                 pass
             done = asyncio.run(load_test(f"{base}/v1/chat/completions", [body], 1))["requests"][0]
             for key, times in (("here", stamps), ("server", done["stamps"])):
-                if gap(times) is not None:
-                    gaps[key].append(gap(times))
+                if len(times) > 1:  # the mean gap between its pieces
+                    gaps[key].append((times[-1] - times[0]) / (len(times) - 1))
     here, there = (1e3 * sum(g) / len(g) for g in gaps.values())
     print(f"serve: one client, in turns: {there:.2f} ms between pieces from the server, {here:.2f} from an engine "
           f"in this process: serving costs {100 * (there / here - 1):.1f}%")
