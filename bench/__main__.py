@@ -16,6 +16,7 @@ every figure. Compile time is left out of the rates (a warm-up call first) and r
   python -m bench --only sweep --checkpoint checkpoints/tiny    # batch sizes x KV cache, worker processes
   python -m bench --only train-budget              # where make train's step goes: fp32/bf16, eager/compiled
   python -m bench --only recipes                   # the recipe ladder side by side, 10 min each rung (tiny)
+  python -m bench --only recipes --recipes now --recipe-minutes 40   # the ceiling: 4x the tokens (tiny)
   python -m bench --only recipes --recipe-preset slm-40m --recipe-minutes 5 --recipes before muon+wsd \
       "--recipe-flags=--tokens-per-step 4096 --seq-len 256"   # the same for slm-40m, CPU-sized steps
 """
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.only:  # each section writes its own JSON and plot, so one can be run again alone
         section = importlib.import_module(f"bench.{SECTIONS[name]}")
         rows = section.run(args)
-        name += f"_{args.recipe_preset}" if name == "recipes" else ""
+        if name == "recipes":  # a longer or shorter budget does not overwrite the 10-minute ladder
+            name += f"_{args.recipe_preset}" + (f"_{args.recipe_minutes:g}min" if args.recipe_minutes != 10 else "")
         (out / f"bench_{name}.json").write_text(json.dumps({"torch": torch.__version__, "machine": facts,
                                                             "choices": MACHINE.summary(), "rows": rows}, indent=1))
         section.plot(rows, plt.subplots).savefig(out / f"bench_{name}.png", dpi=100, bbox_inches="tight")
