@@ -14,20 +14,27 @@ import train
 from checkpoint import load_checkpoint, save_checkpoint
 from config import get_config
 from model import GPT
-from tests.test_train import assert_same_optimizer_state, assert_same_run, free_port, small_run, torchrun
+from tests.test_train import (
+    assert_same_optimizer_state,
+    assert_same_run,
+    free_port,
+    run_in_process,
+    small_run,
+    torchrun,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_fsdp_equals_ddp_and_resumes_on_another_number_of_ranks(tok_path, tmp_path):
-    """tiny's optimizer (Muon on DTensor shards for the hidden matrices, AdamW for the rest): 6 steps of DDP on 2
-    gloo ranks against FSDP2 runs that stop at step 3 and go on with another number of
-    ranks (2 -> 1 and 1 -> 2): the global batch does not depend on the ranks, so the losses, the weights and
-    the optimizer state agree to float rounding. The sharded checkpoint holds each rank's shards, and
-    convert.py turns it into the one file, which a plain run resumes."""
+def test_fsdp_equals_one_process_and_resumes_on_another_number_of_ranks(tok_path, tmp_path):
+    """tiny's optimizer (Muon on DTensor shards for the hidden matrices, AdamW for the rest): 6 steps in one
+    plain process (which 2 DDP ranks equal, test_train.py) against FSDP2 runs that stop at step 3 and go on
+    with another number of ranks (2 -> 1 and 1 -> 2): the global batch does not depend on the ranks, so the
+    losses, the weights and the optimizer state agree to float rounding (the all-reduce's summation order;
+    Newton-Schulz is pinned to fp32). The sharded checkpoint holds each rank's shards, and convert.py turns it
+    into the one file, which a plain run resumes."""
     common = ["--max-steps", "6", "--micro-batch", "2", "--tokens-per-step", "512", "--optimizer", "muon"]
-    torchrun(2, small_run(tok_path, tmp_path / "ddp", *common))
-    ddp = load_checkpoint(tmp_path / "ddp" / "run" / "last.ckpt")
+    single = run_in_process(small_run(tok_path, tmp_path / "single", *common))
     for first, then in ((2, 1), (1, 2)):  # one rank: plain `python train.py --fsdp`, a process group of one
         out = tmp_path / f"fsdp{first}{then}"
         launch(first, small_run(tok_path, out, *common, "--fsdp", "--stop-at", "3"))
@@ -38,8 +45,8 @@ def test_fsdp_equals_ddp_and_resumes_on_another_number_of_ranks(tok_path, tmp_pa
         launch(then, small_run(tok_path, out, *common, "--resume"))  # --fsdp comes from the checkpoint
         assert [p.name for p in (out / "run").glob(".last.dcp.*")] == [link.resolve().name]  # the old copy went
         sharded = load_checkpoint(out / "run")  # consolidated from the shards
-        assert_same_run(ddp, sharded, atol=5e-5)
-        assert_same_optimizer_state(ddp, sharded, atol=5e-5)
+        assert_same_run(single, sharded, atol=1e-4)
+        assert_same_optimizer_state(single, sharded, atol=1e-4)
     convert.main(["from-dcp", str(out / "run"), "--out", str(tmp_path / "plain" / "run")])
     plain = load_checkpoint(tmp_path / "plain" / "run" / "last.ckpt")
     assert not plain["train_args"]["fsdp"]
