@@ -45,8 +45,8 @@ def test_fsdp_equals_one_process_and_resumes_on_another_number_of_ranks(tok_path
         launch(then, small_run(tok_path, out, *common, "--resume"))  # --fsdp comes from the checkpoint
         assert [p.name for p in (out / "run").glob(".last.dcp.*")] == [link.resolve().name]  # the old copy went
         sharded = load_checkpoint(out / "run")  # consolidated from the shards
-        assert_same_run(single, sharded, atol=1e-4)
-        assert_same_optimizer_state(single, sharded, atol=1e-4)
+        assert_same_run(single, sharded, atol=5e-5)
+        assert_same_optimizer_state(single, sharded, atol=5e-5)
     convert.main(["from-dcp", str(out / "run"), "--out", str(tmp_path / "plain" / "run")])
     plain = load_checkpoint(tmp_path / "plain" / "run" / "last.ckpt")
     assert not plain["train_args"]["fsdp"]
