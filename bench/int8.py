@@ -39,8 +39,9 @@ def bench_int8(ckpt_path: str, new_tokens: int = 128, scored_windows: int = 16) 
     `scored_windows` 512-token windows of Hamlet and The Tempest, scored by the engine's own prompt pass (echo),
     so that every token attends over the cache it wrote, through the kernels of a many-token pass."""
     model, tok = load_model(ckpt_path)
+    chosen = variants()
     models = {"default": model}
-    if any(weights == "bf16" for weights, _, _ in variants().values()):
+    if any(weights == "bf16" for weights, _, _ in chosen.values()):
         models["bf16"] = load_model(ckpt_path, dtype="bf16", quantize="none")[0]
     tokens_dir = Path("data") / f"shakespeare-{data.tokenizer_hash(tok)}"
     meta = data.prepare("shakespeare", tok, tokens_dir, splits=("val",))
@@ -51,7 +52,7 @@ def bench_int8(ckpt_path: str, new_tokens: int = 128, scored_windows: int = 16) 
 
     rows = []
     for batch, slots in ((16, 128), (16, 1024), (32, 128)):
-        for name, (weights, dtype, pin) in variants().items():
+        for name, (weights, dtype, pin) in chosen.items():
             with pinned(pin):
                 engine = Engine(models[weights], rows=batch, max_len=slots + 32, kv_cache_dtype=dtype,
                                 prefill_tokens=batch * slots)
@@ -73,7 +74,7 @@ def bench_int8(ckpt_path: str, new_tokens: int = 128, scored_windows: int = 16) 
     chat = [tok.encode(tok.apply_chat_template([{"role": "user", "content": t}]))
             for t in CHAT_PROMPTS.read_text().splitlines()[:32]]
     greedy = {}
-    for name, (weights, dtype, pin) in variants().items():
+    for name, (weights, dtype, pin) in chosen.items():
         with pinned(pin):
             engine = Engine(models[weights], rows=32, max_len=max(map(len, chat)) + new_tokens,
                             kv_cache_dtype=dtype)
@@ -89,7 +90,7 @@ def bench_int8(ckpt_path: str, new_tokens: int = 128, scored_windows: int = 16) 
                   f"{new_tokens} (32 chat prompts)")
     lengths = data.token_byte_lengths(tok)
     windows = [text[i * 512:(i + 1) * 512].tolist() for i in range(16, 16 + scored_windows)]
-    for name, (weights, dtype, pin) in variants().items():
+    for name, (weights, dtype, pin) in chosen.items():
         with pinned(pin):
             engine = Engine(models[weights], rows=8, max_len=513, tokenizer=tok, kv_cache_dtype=dtype)
             requests = [Request(w, 1, logprobs=0, echo=True) for w in windows]
